@@ -1,0 +1,192 @@
+"""Test helpers: drive a governor by hand through the wire protocol.
+
+The tests play producer and apply layer themselves (one step at a time), so
+each gate can be exercised in a known state. Nothing here mocks Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from governor_ref.governor import Governor, Settings
+from governor_ref.keys import GROUP_GOVERNOR, Keys
+from governor_ref.protocol import GovernorConfig
+from governor_ref.variants import factory
+
+SYMBOLS = [f"S{i:02d}USDT" for i in range(60)]
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class Running:
+    gov: Governor
+    thread: threading.Thread
+
+    def stop(self) -> None:
+        self.gov.stop.set()
+        self.thread.join(timeout=10)
+        assert not self.thread.is_alive(), "governor thread did not stop"
+
+
+@dataclass
+class Desk:
+    """One governor prefix on a real Redis, with the operator's inputs written."""
+
+    url: str
+    prefix: str
+    r: redis.Redis
+    config: dict[str, Any] = field(default_factory=dict)
+    running: list[Running] = field(default_factory=list)
+
+    @property
+    def keys(self) -> Keys:
+        return Keys(self.prefix)
+
+    def setup(self, regime: str = "BASE", capital: float = 10_000, allocation: float = 0.25,
+              symbols: list[str] | None = None) -> Desk:
+        k = self.keys
+        cfg = GovernorConfig().to_hash()
+        cfg.update({n: str(v) for n, v in self.config.items()})
+        self.r.hset(k.config, mapping=cfg)
+        self.r.set(k.regime, regime)
+        self.r.set(k.capital, str(capital))
+        self.r.set(k.exposure_pct, "0")
+        for s in symbols or SYMBOLS:
+            self.r.set(k.allocation(s), json.dumps({"allocation_pct": allocation}))
+        try:
+            self.r.xgroup_create(k.plans, GROUP_GOVERNOR, id="0", mkstream=True)
+        except redis.ResponseError:
+            pass
+        return self
+
+    def set_config(self, **fields: Any) -> None:
+        self.r.hset(self.keys.config, mapping={n: str(v) for n, v in fields.items()})
+
+    def start(self, consumer: str = "g1", variant: str = "reference", **kw: Any) -> Running:
+        settings = Settings(redis_url=self.url, prefix=self.prefix, consumer=consumer,
+                            variant=variant, block_ms=50, **kw)
+        gov = Governor(settings, factory(variant))
+        t = threading.Thread(target=gov.run, name=f"gov-{consumer}", daemon=True)
+        t.start()
+        assert gov.started.wait(10), "governor did not start"
+        run = Running(gov, t)
+        self.running.append(run)
+        return run
+
+    def stop_all(self) -> None:
+        for run in self.running:
+            run.stop()
+        self.running.clear()
+
+    # -- producer ---------------------------------------------------------------
+    def plan(self, action: str, symbol: str, plan_id: str | None = None, **fields: Any) -> str:
+        pid = plan_id or f"p-{uuid.uuid4().hex[:12]}"
+        f: dict[str, str] = {"plan_id": pid, "symbol": symbol, "action": action,
+                             "source": fields.pop("source", "intent_bridge"),
+                             "intent_created_at_ms": str(fields.pop("created", now_ms()))}
+        if action == "OPEN":
+            f["side"] = fields.pop("side", "LONG")
+            f["notional"] = str(fields.pop("notional", "100"))
+        f.update({n: str(v) for n, v in fields.items()})
+        self.r.xadd(self.keys.plans, f)
+        return pid
+
+    def raw_plan(self, fields: dict[str, Any]) -> None:
+        self.r.xadd(self.keys.plans, fields)
+
+    # -- observer ---------------------------------------------------------------
+    def events(self) -> list[dict[str, str]]:
+        return [f for _i, f in self.r.xrange(self.keys.events)]
+
+    def decisions(self, plan_id: str) -> list[dict[str, str]]:
+        return [e for e in self.events() if e.get("plan_id") == plan_id
+                and e.get("decision") in ("PERMIT", "BLOCK")]
+
+    def decision(self, plan_id: str, timeout: float = 10.0) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            d = self.decisions(plan_id)
+            if d:
+                return d[0]
+            time.sleep(0.01)
+        raise AssertionError(f"no decision for {plan_id} within {timeout}s")
+
+    def decide(self, action: str, symbol: str, **fields: Any) -> dict[str, str]:
+        return self.decision(self.plan(action, symbol, **fields))
+
+    def wait_idle(self, timeout: float = 10.0) -> None:
+        """Until the plan group has no pending or undelivered entries."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            groups = {g["name"]: g for g in self.r.xinfo_groups(self.keys.plans)}
+            g = groups.get(GROUP_GOVERNOR)
+            last = self.r.xinfo_stream(self.keys.plans)["last-generated-id"]
+            if g and g["pending"] == 0 and g["last-delivered-id"] == last:
+                return
+            time.sleep(0.02)
+        raise AssertionError("governors did not drain the plan stream")
+
+    # -- apply layer by hand ---------------------------------------------------
+    def execute(self, plan_id: str, status: str = "executed", position_id: str | None = None,
+                write_mirror: bool = True, pnl_pct: float = 0.0) -> dict[str, Any]:
+        """Take the permit (GETDEL), mirror the effect, then write the result."""
+        k = self.keys
+        raw = self.r.getdel(k.permit(plan_id))
+        assert raw is not None, f"no permit for {plan_id}"
+        permit = json.loads(raw)
+        sym = permit["symbol"]
+        if position_id is None:
+            position_id = f"pos-{plan_id}" if permit["action"] == "OPEN" else (
+                self.r.hget(k.position(sym), "position_id") or "")
+        if status == "executed" and write_mirror:
+            if permit["action"] == "OPEN":
+                self.r.hset(k.position(sym), mapping={
+                    "position_id": position_id, "symbol": sym, "side": permit["side"],
+                    "notional": permit["notional"], "opened_at_ms": str(now_ms()),
+                    "pnl_pct": str(pnl_pct)})
+            else:
+                self.r.delete(k.position(sym))
+        self.result(plan_id, sym, permit["action"], status, position_id, permit["notional"],
+                    permit.get("fence", ""))
+        return permit
+
+    def result(self, plan_id: str, symbol: str, action: str, status: str = "executed",
+               position_id: str = "", notional: str = "", fence: str = "") -> None:
+        self.r.xadd(self.keys.results, {
+            "plan_id": plan_id, "symbol": symbol, "action": action, "status": status,
+            "position_id": position_id, "notional": notional, "fence": fence or "",
+            "reason": "", "executed_at_ms": str(now_ms())})
+
+    def settled(self, timeout: float = 10.0) -> None:
+        """Until the governors have applied every result."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                groups = {g["name"]: g for g in self.r.xinfo_groups(self.keys.results)}
+            except redis.ResponseError:
+                time.sleep(0.02)
+                continue
+            g = groups.get("governor-results")
+            last = self.r.xinfo_stream(self.keys.results)["last-generated-id"]
+            if g and g["pending"] == 0 and g["last-delivered-id"] == last:
+                return
+            time.sleep(0.02)
+        raise AssertionError("results not settled")
+
+    def open_position(self, symbol: str, pnl_pct: float = 0.0, **fields: Any) -> str:
+        """OPEN through the governor and execute it; returns the position id."""
+        d = self.decide("OPEN", symbol, **fields)
+        assert d["decision"] == "PERMIT", d
+        permit = self.execute(d["plan_id"], pnl_pct=pnl_pct)
+        self.settled()
+        return f"pos-{permit['plan_id']}"
