@@ -35,10 +35,17 @@ class Metrics:
             ["variant", "kind"], registry=self.registry,
         )
 
+        self._children: dict[tuple[str, str], Counter] = {}
+        self._latency = self.latency.labels(variant)
+
     def serve(self, port: int, addr: str = "127.0.0.1") -> None:
         start_http_server(port, addr=addr, registry=self.registry)
         log.info("metrics on http://%s:%d/metrics", addr, port)
 
     def decided(self, decision: str, reason: str, seconds: float) -> None:
-        self.decisions.labels(self.variant, decision, reason or "").inc()
-        self.latency.labels(self.variant).observe(seconds)
+        key = (decision, reason)
+        child = self._children.get(key)
+        if child is None:  # labels() costs a lock and a dict build; cache the child
+            child = self._children[key] = self.decisions.labels(self.variant, decision, reason)
+        child.inc()
+        self._latency.observe(seconds)
