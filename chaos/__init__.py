@@ -1,0 +1,1 @@
+"""Chaos-testing harness: real Redis servers, faults, and the scenarios that drive governors."""
