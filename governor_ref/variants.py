@@ -1,8 +1,13 @@
-"""Registry of decision logics selectable with ``--variant``."""
+"""Registry of decision logics selectable with ``--variant``.
+
+``reference`` is the correct governor; ``seed`` and ``legacy`` are the
+designs under audit (docs/variants.md lists where each departs from it).
+All three share the stream loop and protocol code of ``governor.py``.
+"""
 
 from __future__ import annotations
 
-from .governor import Context, DecisionLogic
+from .governor import Context, DecisionLogic, LogicFactory
 
 
 def _reference(ctx: Context) -> DecisionLogic:
@@ -11,12 +16,26 @@ def _reference(ctx: Context) -> DecisionLogic:
     return ReferenceLogic(ctx)
 
 
-VARIANTS = {
+def _seed(ctx: Context) -> DecisionLogic:
+    from .seed import SeedLogic
+
+    return SeedLogic(ctx)
+
+
+def _legacy(ctx: Context) -> DecisionLogic:
+    from .legacy import LegacyLogic
+
+    return LegacyLogic(ctx)
+
+
+VARIANTS: dict[str, LogicFactory] = {
     "reference": _reference,
+    "seed": _seed,
+    "legacy": _legacy,
 }
 
 
-def factory(name: str):
+def factory(name: str) -> LogicFactory:
     try:
         return VARIANTS[name]
     except KeyError:
