@@ -86,7 +86,7 @@ class DecisionLogic(Protocol):
     name: str
 
     def start(self) -> None:
-        """Start-up work (reconcile, initialise counters). Called again after Redis recovers."""
+        """Start-up work (reconcile, initialise counters), once per process start."""
 
     def decide(self, entries: list[PlanEntry]) -> list[Outcome]:
         """Decide and acknowledge each entry (one Outcome per entry, in order)."""

@@ -6,6 +6,7 @@ each gate can be exercised in a known state. Nothing here mocks Redis.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -63,10 +64,8 @@ class Desk:
         self.r.set(k.exposure_pct, "0")
         for s in symbols or SYMBOLS:
             self.r.set(k.allocation(s), json.dumps({"allocation_pct": allocation}))
-        try:
+        with contextlib.suppress(redis.ResponseError):  # BUSYGROUP
             self.r.xgroup_create(k.plans, GROUP_GOVERNOR, id="0", mkstream=True)
-        except redis.ResponseError:
-            pass
         return self
 
     def set_config(self, **fields: Any) -> None:

@@ -4,31 +4,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable
 
-import pytest
 from govtools import Desk, now_ms
 
 MakeDesk = Callable[..., Desk]
 
 
-@pytest.fixture
-def make_desk(shared_redis: Any, prefix: str) -> Iterator[MakeDesk]:
-    desks: list[Desk] = []
-
-    def make(start: bool = True, **config: Any) -> Desk:
-        desk = Desk(shared_redis.url, f"{prefix}{len(desks)}", shared_redis.client(),
-                    config=config)
-        desks.append(desk)
-        desk.setup()
-        if start:
-            desk.start()
-        return desk
-
-    yield make
-    for d in desks:
-        d.stop_all()
 
 
 def test_open_is_permitted_with_permit_key_and_lease(make_desk: MakeDesk) -> None:

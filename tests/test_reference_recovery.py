@@ -8,10 +8,8 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable
 
-import pytest
 from govtools import Desk
 
 from governor_ref.keys import GROUP_GOVERNOR
@@ -19,22 +17,6 @@ from governor_ref.keys import GROUP_GOVERNOR
 MakeDesk = Callable[..., Desk]
 
 
-@pytest.fixture
-def make_desk(shared_redis: Any, prefix: str) -> Iterator[MakeDesk]:
-    desks: list[Desk] = []
-
-    def make(start: bool = True, **config: Any) -> Desk:
-        desk = Desk(shared_redis.url, f"{prefix}{len(desks)}", shared_redis.client(),
-                    config=config)
-        desks.append(desk)
-        desk.setup()
-        if start:
-            desk.start()
-        return desk
-
-    yield make
-    for d in desks:
-        d.stop_all()
 
 
 def test_plan_readded_with_same_id_gets_no_second_decision(make_desk: MakeDesk) -> None:
