@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import redis
+from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .connection import connect
@@ -39,7 +39,9 @@ TRANSIENT_PREFIXES = ("OOM", "LOADING", "BUSY", "READONLY", "MASTERDOWN", "TRYAG
 
 
 def is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, RedisConnectionError | RedisTimeoutError | OSError):
+    # redis-py maps -OOM, -READONLY and -LOADING to classes and strips the prefix.
+    if isinstance(exc, RedisConnectionError | RedisTimeoutError | OSError | OutOfMemoryError
+                  | ReadOnlyError | BusyLoadingError):
         return True
     return isinstance(exc, ResponseError) and str(exc).startswith(TRANSIENT_PREFIXES)
 

@@ -126,8 +126,6 @@ class ReferenceLogic:
                           self.ctx.r.scan_iter(match=k.position_pattern, count=500)})
         res = self.scripts.run(self.ctx.r, self.scripts["reconcile"], [k.config],
                                [k.prefix, *symbols])
-        if isinstance(res, BaseException):
-            raise res
         adopted, dropped = int(res[0]), int(res[1])
         if adopted or dropped:
             log.info("reconcile: adopted %d, dropped %d positions from the mirror",

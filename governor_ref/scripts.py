@@ -65,7 +65,11 @@ class ScriptSet:
             r.script_load(s.source)
 
     def run(self, r: redis.Redis, script: LuaScript, keys: list[str], args: list[str]) -> Any:
-        return self.run_batch(r, [(script, keys, args)])[0]
+        """One call; raises what the server raised."""
+        res = self.run_batch(r, [(script, keys, args)])[0]
+        if isinstance(res, BaseException):
+            raise res
+        return res
 
     def run_batch(self, r: redis.Redis, calls: list[Call]) -> list[Any]:
         """EVALSHA every call in one pipeline; reload and re-send on NOSCRIPT.

@@ -71,13 +71,15 @@ class Desk:
     def set_config(self, **fields: Any) -> None:
         self.r.hset(self.keys.config, mapping={n: str(v) for n, v in fields.items()})
 
-    def start(self, consumer: str = "g1", variant: str = "reference", **kw: Any) -> Running:
+    def start(self, consumer: str = "g1", variant: str = "reference", wait: bool = True,
+              **kw: Any) -> Running:
         settings = Settings(redis_url=self.url, prefix=self.prefix, consumer=consumer,
                             variant=variant, block_ms=50, **kw)
         gov = Governor(settings, factory(variant))
         t = threading.Thread(target=gov.run, name=f"gov-{consumer}", daemon=True)
         t.start()
-        assert gov.started.wait(10), "governor did not start"
+        if wait:
+            assert gov.started.wait(10), "governor did not start"
         run = Running(gov, t)
         self.running.append(run)
         return run
