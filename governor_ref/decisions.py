@@ -153,6 +153,8 @@ class StepwiseLogic:
     :meth:`start` and :meth:`periodic`.
     """
 
+    thread_safe = False  # Python-side state and multi-step decisions: one plan loop
+
     name = "stepwise"
 
     def __init__(self, ctx: Context) -> None:

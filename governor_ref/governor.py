@@ -58,6 +58,7 @@ class Settings:
     claim_interval_s: float = 0.5
     reconcile_interval_s: float = 1.0
     metrics_port: int | None = None
+    plan_threads: int = 2
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,9 @@ class DecisionLogic(Protocol):
     """What differs between the reference, the seed design and the legacy one."""
 
     name: str
+    # True when decide() may run in several threads at once and a plan decided
+    # twice is harmless (atomic, idempotent steps): the loop then overlaps batches.
+    thread_safe: bool
 
     def start(self) -> None:
         """Start-up work (reconcile, initialise counters), once per process start."""
@@ -146,10 +150,11 @@ class StreamReader:
     """Reads one stream for one consumer: pending first, then new, plus reclaims."""
 
     def __init__(self, r: redis.Redis, stream: str, group: str, consumer: str,
-                 settings: Settings) -> None:
+                 settings: Settings, pending_first: bool = True) -> None:
         self.r, self.stream, self.group, self.consumer = r, stream, group, consumer
         self.settings = settings
-        self.pending_from: str | None = "0"  # re-read own pending entries first
+        # Re-read own pending entries first (after a restart they are this consumer's).
+        self.pending_from: str | None = "0" if pending_first else None
         self.claim_cursor = "0-0"
         self.next_claim = 0.0
 
@@ -241,7 +246,24 @@ class Governor:
         self._until_up(lambda: (reader.ensure_group(), self.logic.start()), backoff)
         results = threading.Thread(target=self._results_loop, name="results", daemon=True)
         results.start()
+        # More than one plan loop only for a logic whose every step is idempotent and
+        # atomic (the reference): while one loop waits on Redis, the other parses.
+        extra = self.settings.plan_threads - 1 if getattr(self.logic, "thread_safe", False) else 0
+        loops = [threading.Thread(target=self._plan_loop, name=f"plans-{i + 2}", daemon=True,
+                                  args=(StreamReader(self.ctx.r, self.keys.plans, GROUP_GOVERNOR,
+                                                     self.settings.consumer, self.settings,
+                                                     pending_first=False),))
+                 for i in range(extra)]
+        for t in loops:
+            t.start()
         self.started.set()
+        self._plan_loop(reader, backoff)
+        for t in [*loops, results]:
+            t.join(timeout=5)
+        log.info("governor %s stopped", self.settings.consumer)
+
+    def _plan_loop(self, reader: StreamReader, backoff: Backoff | None = None) -> None:
+        backoff = backoff or Backoff()
         while not self.stop.is_set():
             try:
                 raw = reader.read()
@@ -251,8 +273,6 @@ class Governor:
             except Exception as exc:  # noqa: BLE001 - every failure must back off, not crash
                 self._retry(exc, "plans", backoff)
                 reader.restart()
-        results.join(timeout=5)
-        log.info("governor %s stopped", self.settings.consumer)
 
     def _decide(self, raw: list[tuple[str, dict[Any, Any] | None]]) -> None:
         t0 = time.perf_counter()

@@ -34,6 +34,7 @@ def plan_args(prefix: str, consumer: str, entry_id: str, plan: Plan) -> list[str
 
 class ReferenceLogic:
     name = "reference"
+    thread_safe = True  # every step is one idempotent script
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
