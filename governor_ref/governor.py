@@ -43,7 +43,11 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, RedisConnectionError | RedisTimeoutError | OSError | OutOfMemoryError
                   | ReadOnlyError | BusyLoadingError):
         return True
-    return isinstance(exc, ResponseError) and str(exc).startswith(TRANSIENT_PREFIXES)
+    if not isinstance(exc, ResponseError):
+        return False
+    msg = str(exc)
+    # Redis 6.2 wraps an error inside a script: "Error running script ... -OOM command ..."
+    return msg.startswith(TRANSIENT_PREFIXES) or any(f"-{p} " in msg for p in TRANSIENT_PREFIXES)
 
 
 @dataclass(frozen=True)
