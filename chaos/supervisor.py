@@ -1,0 +1,889 @@
+"""Start, watch, kill, pause and restart the governor processes under test.
+
+The harness tests a governor black-box (``docs/protocol.md``, "Starting a governor under
+test"): every instance is started from a user-supplied command with ``REDIS_URL``,
+``GOVERNOR_PREFIX`` and ``GOVERNOR_CONSUMER`` in its environment, and a restarted instance
+keeps its consumer name, so that the entries it left pending are its own again.
+
+Why it is built this way:
+
+* Each instance runs in its own process group (``start_new_session=True``) and every
+  signal goes to the group (:func:`os.killpg`). A governor started through a wrapper
+  (``sh -c``, a launcher script, a worker pool) is then killed or paused *as a whole*; a
+  surviving child would otherwise keep deciding under the same consumer name next to the
+  restarted instance, which is a harness bug that looks exactly like a governor bug.
+* Exits are detected without reaping first (``waitid(WNOWAIT)``), the group's stragglers
+  are SIGKILLed while the leader is still a zombie (so its pid, which is also the group
+  id, cannot have been reused), and only then is the leader reaped. All reaping goes
+  through one function under one lock, so a nemesis thread and the monitor never race.
+* Intentional faults go through the supervisor (:meth:`Supervisor.kill`,
+  :meth:`Supervisor.pause`...) so that the event log can tell a nemesis kill from a
+  governor that crashed by itself: only the latter is a ``crash``.
+* "The governor command does not start" must never be reported as an invariant
+  violation: :meth:`Supervisor.wait_ready` raises :class:`GovernorStartError` (with the
+  command, the return code and the tail of the instance's log) when the command is not
+  found, exits again and again right after starting, or never joins consumer group
+  ``governor``.
+* A governor that keeps dying during a run is restarted with a doubling backoff (capped)
+  and recorded, never restarted in a busy loop.
+
+Each instance's stdout and stderr are appended to ``log_dir/<consumer>.log``, with a
+header line per start, across restarts.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import itertools
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import redis
+
+from governor_ref.connection import connect
+from governor_ref.keys import GROUP_GOVERNOR, Keys
+
+log = logging.getLogger(__name__)
+
+Event = dict[str, Any]
+"""One supervisor event: ``type``, ``consumer``, ``t_mono_ns``, ``t_wall_ms`` and fields of
+the type (``pid``, ``returncode``...). Types: ``start``, ``start_failed``, ``crash``,
+``crash_loop``, ``gave_up``, ``kill``, ``stop``, ``exit`` (an exit the supervisor caused,
+``cause`` ``kill`` or ``stop``), ``pause``, ``resume``."""
+
+EventSink = Callable[[Event], None]
+
+_PYTHON_NAMES = frozenset({"python", "python3"})
+_LOG_TAIL_BYTES = 8192
+_LOG_TAIL_LINES = 40
+_HAVE_WAITID = hasattr(os, "waitid") and hasattr(os, "WNOWAIT")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class GovernorStartError(RuntimeError):
+    """The governor command does not start (not found, exits at once, never joins the group).
+
+    A distinct type so that the harness reports a broken command line as such and never
+    judges the invariants of a run whose governors were not running.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        command: str = "",
+        consumer: str | None = None,
+        returncode: int | None = None,
+        log_tail: str = "",
+        log_path: Path | None = None,
+    ) -> None:
+        self.reason = reason
+        self.command = command
+        self.consumer = consumer
+        self.returncode = returncode
+        self.log_tail = log_tail
+        self.log_path = log_path
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        lines = [f"governor command does not start: {self.reason}"]
+        if self.command:
+            lines.append(f"  command: {self.command}")
+        if self.consumer:
+            lines.append(f"  instance: {self.consumer}")
+        if self.returncode is not None:
+            lines.append(f"  last return code: {describe_returncode(self.returncode)}")
+        if self.log_tail:
+            where = f" of {self.log_path}" if self.log_path else ""
+            lines.append(f"  last lines{where}:")
+            lines.extend(f"    | {line}" for line in self.log_tail.splitlines())
+        elif self.log_path is not None:
+            lines.append(f"  log: {self.log_path} (empty)")
+        return "\n".join(lines)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword-only fields: rebuild from the reason, then restore them (pickling across
+        # processes, e.g. xdist or a process pool running scenarios).
+        return (self.__class__, (self.reason,), self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.args = (self._message(),)
+
+
+class GovernorNotReady(GovernorStartError):
+    """Instances stayed alive but did not join consumer group ``governor`` in time."""
+
+
+def describe_returncode(rc: int) -> str:
+    """``1`` or ``-9 (SIGKILL)``: Popen reports a death by signal as a negative code."""
+    if rc < 0:
+        with contextlib.suppress(ValueError):
+            return f"{rc} ({signal.Signals(-rc).name})"
+    return str(rc)
+
+
+# --------------------------------------------------------------------------- spec
+
+
+@dataclass(frozen=True)
+class GovernorSpec:
+    """How to start one governor instance: a command, extra environment, a directory.
+
+    ``command`` is a string (split with :func:`shlex.split`, no shell: use ``sh -c '...'``
+    for pipes or redirections) or an argv list. In every argument ``{python}`` becomes
+    :data:`sys.executable`, and a leading bare ``python`` / ``python3`` does too, so that
+    ``--governor-cmd "python -m governor_ref run"`` runs in the harness's venv rather than
+    whatever ``python`` is first on PATH.
+    """
+
+    command: str | Sequence[str]
+    env: Mapping[str, str] = field(default_factory=dict)
+    cwd: str | os.PathLike[str] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.argv():
+            raise ValueError("empty governor command")
+
+    def argv(self) -> list[str]:
+        """The argv to execute, after splitting and the ``python`` substitutions."""
+        raw = shlex.split(self.command) if isinstance(self.command, str) else list(self.command)
+        exe = sys.executable
+        if not exe:  # embedded interpreters: leave the command as given
+            return [str(a) for a in raw]
+        argv = [str(a).replace("{python}", exe) for a in raw]
+        if argv and argv[0] in _PYTHON_NAMES:
+            argv[0] = exe
+        return argv
+
+    def display(self) -> str:
+        """The command as the user gave it, for messages."""
+        return self.command if isinstance(self.command, str) else shlex.join(self.command)
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass(frozen=True)
+class InstanceStatus:
+    """A snapshot of one instance, for reports and debugging.
+
+    ``state`` is ``running``, ``paused``, ``restarting`` (exited, restart scheduled),
+    ``stopped`` (stopped on purpose, or ``restart=False`` after an exit) or ``gave_up``
+    (``max_restarts_per_instance`` reached).
+    """
+
+    consumer: str
+    pid: int | None
+    state: str
+    starts: int
+    crashes: int
+    last_returncode: int | None
+    log_path: Path
+
+
+@dataclass(eq=False)
+class _Instance:
+    consumer: str
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    started_mono: float = 0.0
+    starts: int = 0
+    want_running: bool = True
+    expect: str | None = None  # "kill" / "stop": the pending exit is the supervisor's doing
+    paused: bool = False
+    restart_at: float | None = None
+    quick_exits: int = 0  # consecutive exits within quick_exit_s of starting
+    crashes: int = 0
+    crash_restarts: int = 0
+    spawn_failures: int = 0
+    last_returncode: int | None = None
+    gave_up: bool = False
+    spawn_error: GovernorStartError | None = None
+    crash_loop_reported: bool = False
+    log_offset: int | None = None  # where this supervisor's lines start in a reused log
+
+
+# --------------------------------------------------------------------------- process helpers
+
+
+def _has_exited(proc: subprocess.Popen[bytes]) -> bool:
+    """True once the child is dead; it is *not* reaped (``WNOWAIT``) while we hold the lock,
+    so its pid, which is also its process group id, stays reserved until we kill the group."""
+    if proc.returncode is not None:
+        return True
+    if not _HAVE_WAITID:
+        return proc.poll() is not None
+    try:
+        info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:  # reaped behind our back (a SIGCHLD handler?)
+        proc.poll()
+        return True
+    return info is not None
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> bool:
+    """Signal a whole process group; False when the group is already empty."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a member changed uid: nothing we may do about it
+        log.warning("no permission to send %s to process group %d", sig.name, pgid)
+        return False
+    return True
+
+
+def _wait_stopped(pid: int, timeout: float = 2.0) -> None:
+    """SIGSTOP is asynchronous; on Linux wait until /proc shows the leader stopped, so that a
+    nemesis that pauses and then acts observes a paused governor."""
+    stat = Path(f"/proc/{pid}/stat")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = stat.read_text().rpartition(")")[2].split()[0]
+        except (OSError, IndexError):
+            return
+        if state in ("T", "t"):
+            return
+        time.sleep(0.002)
+
+
+def log_tail(path: Path, max_lines: int = _LOG_TAIL_LINES, since: int = 0) -> str:
+    """The last lines of an instance log (where its stderr goes) after byte ``since``, for
+    error messages: a log reused from an earlier run must not explain this run's failure."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            start = max(since, size - _LOG_TAIL_BYTES)
+            f.seek(start)
+            data = f.read()
+    except OSError:
+        return ""
+    lines = data.decode("utf-8", "replace").splitlines()
+    if start > since and lines:
+        lines = lines[1:]  # first line is cut
+    return "\n".join(lines[-max_lines:])
+
+
+def _spawn_error_reason(exc: OSError, argv: list[str], cwd: str | None) -> str:
+    """Turn Popen's OSError into what the user needs to fix."""
+    exe = argv[0]
+    if isinstance(exc, FileNotFoundError):
+        if cwd is not None and exc.filename is not None and os.fspath(exc.filename) == cwd:
+            return f"working directory not found: {cwd!r}"
+        hint = "" if os.sep in exe else " (not on PATH)"
+        return f"command not found: {exe!r}{hint}"
+    if isinstance(exc, PermissionError):
+        return f"command not executable (permission denied): {exe!r}"
+    return f"command could not be executed: {exe!r}: {exc.strerror or exc}"
+
+
+def _now_fields() -> dict[str, int]:
+    return {"t_mono_ns": time.monotonic_ns(), "t_wall_ms": time.time_ns() // 1_000_000}
+
+
+# --------------------------------------------------------------------------- supervisor
+
+_live_supervisors: weakref.WeakSet[Supervisor] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all_at_exit() -> None:
+    """Safety net: governors run in their own sessions, so nothing else would stop them if
+    the harness exits without calling :meth:`Supervisor.stop`."""
+    for sup in list(_live_supervisors):
+        with contextlib.suppress(Exception):
+            sup.stop(timeout=2.0)
+
+
+class Supervisor:
+    """Runs ``count`` instances of a governor command as ``gov-1`` .. ``gov-N`` and keeps
+    them running: an instance that exits without being asked to is recorded as a ``crash``
+    and restarted, with the same consumer name, after a backoff.
+
+    Use as a context manager (``__enter__`` starts the instances, ``__exit__`` stops them
+    all) or call :meth:`start` and :meth:`stop`. Thread-safe: a nemesis may call
+    :meth:`kill`, :meth:`pause` and friends from its own threads.
+
+    ``on_event`` gets every event (see :data:`Event`) in order, outside the supervisor's
+    lock, from whichever thread caused it; an exception in it is logged and ignored.
+    """
+
+    def __init__(
+        self,
+        spec: GovernorSpec,
+        redis_url: str,
+        prefix: str,
+        count: int,
+        log_dir: Path,
+        on_event: EventSink | None = None,
+        restart: bool = True,
+        restart_backoff_s: float = 0.2,
+        max_restarts_per_instance: int | None = None,
+        *,
+        restart_backoff_max_s: float = 5.0,
+        quick_exit_s: float = 5.0,
+        quick_exit_limit: int = 3,
+        stop_timeout_s: float = 5.0,
+        consumer_prefix: str = "gov",
+        poll_interval_s: float = 0.02,
+    ) -> None:
+        if count < 1:
+            raise ValueError(f"count must be >= 1, not {count}")
+        if restart_backoff_s <= 0 or restart_backoff_max_s < restart_backoff_s:
+            # a zero backoff would turn a crash loop into a busy loop
+            raise ValueError("need 0 < restart_backoff_s <= restart_backoff_max_s")
+        if quick_exit_limit < 1:
+            raise ValueError("quick_exit_limit must be >= 1")
+        if max_restarts_per_instance is not None and max_restarts_per_instance < 0:
+            raise ValueError("max_restarts_per_instance must be >= 0 or None")
+        self.spec = spec
+        self.redis_url = redis_url
+        self.prefix = prefix
+        self.count = count
+        self.log_dir = Path(log_dir)
+        self.on_event = on_event
+        self.restart_enabled = restart
+        self.restart_backoff_s = restart_backoff_s
+        self.restart_backoff_max_s = restart_backoff_max_s
+        self.max_restarts_per_instance = max_restarts_per_instance
+        self.quick_exit_s = quick_exit_s
+        self.quick_exit_limit = quick_exit_limit
+        self.stop_timeout_s = stop_timeout_s
+        self.poll_interval_s = poll_interval_s
+        self._instances: dict[str, _Instance] = {
+            name: _Instance(name, self.log_dir / f"{name}.log")
+            for name in (f"{consumer_prefix}-{i}" for i in range(1, count + 1))
+        }
+        self._lock = threading.RLock()
+        self._dispatch_lock = threading.RLock()  # a sink may call back into us
+        self._pending: deque[Event] = deque()
+        self._events: list[Event] = []
+        self._wake = threading.Event()
+        self._monitor: threading.Thread | None = None
+        self._started = False
+        self._closing = False
+        self._stopped = False
+        self._client: redis.Redis | None = None
+
+    # -- context manager ----------------------------------------------------------------
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return (f"Supervisor({self.spec.display()!r}, prefix={self.prefix!r}, "
+                f"count={self.count}, pids={self.pids()})")
+
+    # -- queries ------------------------------------------------------------------------
+    @property
+    def consumers(self) -> tuple[str, ...]:
+        """Consumer names, in start order (``gov-1`` .. ``gov-N``)."""
+        return tuple(self._instances)
+
+    @property
+    def events(self) -> list[Event]:
+        """Every event so far (a copy), whether or not an ``on_event`` sink is set."""
+        with self._lock:
+            return list(self._events)
+
+    def log_path(self, consumer: str) -> Path:
+        return self._get(consumer).log_path
+
+    def pids(self) -> dict[str, int]:
+        """consumer -> pid of every instance whose process is alive (paused ones included)."""
+        with self._lock:
+            return {c: inst.proc.pid for c, inst in self._instances.items()
+                    if inst.proc is not None and not _has_exited(inst.proc)}
+
+    def status(self) -> dict[str, InstanceStatus]:
+        with self._lock:
+            return {c: self._status(inst) for c, inst in self._instances.items()}
+
+    def _status(self, inst: _Instance) -> InstanceStatus:
+        alive = inst.proc is not None and not _has_exited(inst.proc)
+        if alive:
+            state = "paused" if inst.paused else "running"
+        elif inst.gave_up:
+            state = "gave_up"
+        elif inst.want_running and (inst.restart_at is not None or inst.proc is not None):
+            state = "restarting"
+        else:
+            state = "stopped"
+        return InstanceStatus(inst.consumer, inst.proc.pid if alive and inst.proc else None,
+                              state, inst.starts, inst.crashes, inst.last_returncode,
+                              inst.log_path)
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def start(self) -> Self:
+        """Start every instance and the monitor. A command that cannot be executed raises
+        :class:`GovernorStartError` at once, after stopping whatever did start."""
+        with self._lock:
+            if self._closing:
+                raise RuntimeError("supervisor already stopped; make a new one")
+            if self._started:
+                return self
+            self._started = True
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            _live_supervisors.add(self)
+        try:
+            with self._lock:
+                for inst in self._instances.values():
+                    self._spawn(inst, cause="initial")
+        except GovernorStartError:
+            self._flush()
+            self.stop()
+            raise
+        self._flush()
+        self._monitor = threading.Thread(target=self._run_monitor, daemon=True,
+                                         name=f"supervisor-{self.prefix}")
+        self._monitor.start()
+        log.info("supervisor: started %d instance(s) of %r on prefix %s (logs in %s)",
+                 self.count, self.spec.display(), self.prefix, self.log_dir)
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop every instance and reap it: SIGCONT (a paused governor cannot act on
+        SIGTERM), SIGTERM, wait up to ``timeout``, then SIGKILL. Each group's stragglers are
+        SIGKILLed once the leader is gone. Idempotent."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._closing = True
+            live = []
+            for inst in self._instances.values():
+                inst.want_running = False
+                inst.restart_at = None
+                if inst.proc is not None:
+                    live.append((inst, inst.proc))
+                    if inst.expect is None:
+                        inst.expect = "stop"
+                    if not _has_exited(inst.proc):
+                        self._emit("stop", inst, pid=inst.proc.pid)
+                        _signal_group(inst.proc.pid, signal.SIGCONT)
+                        _signal_group(inst.proc.pid, signal.SIGTERM)
+                        inst.paused = False
+        self._flush()
+        self._wake.set()
+        if self._monitor is not None and self._monitor is not threading.current_thread():
+            self._monitor.join(timeout=5.0)
+        self._await_exits(live, self.stop_timeout_s if timeout is None else timeout)
+        with self._lock:
+            self._stopped = True
+            client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close()
+        _live_supervisors.discard(self)
+        self._flush()
+        log.info("supervisor: stopped all instances on prefix %s", self.prefix)
+
+    # -- faults and manual control ------------------------------------------------------
+    def kill(self, consumer: str) -> int | None:
+        """SIGKILL the instance's process group and wait until it is reaped (on return its
+        pid is gone). The monitor restarts it after ``restart_backoff_s``. Returns the
+        killed pid, or None when the instance was not running."""
+        with self._lock:
+            inst = self._get(consumer)
+            proc = inst.proc
+            if proc is None or _has_exited(proc):
+                return None
+            inst.expect = "kill"
+            _signal_group(proc.pid, signal.SIGKILL)
+            self._emit("kill", inst, pid=proc.pid)
+        self._flush()
+        log.info("supervisor: killed %s (pid %d)", consumer, proc.pid)
+        self._await_exits([(inst, proc)], 5.0)
+        return proc.pid
+
+    def pause(self, consumer: str) -> bool:
+        """SIGSTOP the instance's process group; False when not running or already paused."""
+        with self._lock:
+            inst = self._get(consumer)
+            proc = inst.proc
+            if proc is None or inst.paused or _has_exited(proc):
+                return False
+            _signal_group(proc.pid, signal.SIGSTOP)
+            inst.paused = True
+            self._emit("pause", inst, pid=proc.pid)
+        self._flush()
+        _wait_stopped(proc.pid)
+        log.info("supervisor: paused %s (pid %d)", consumer, proc.pid)
+        return True
+
+    def resume(self, consumer: str) -> bool:
+        """SIGCONT the instance's process group; False when it was not paused."""
+        with self._lock:
+            inst = self._get(consumer)
+            proc = inst.proc
+            if proc is None or not inst.paused:
+                return False
+            _signal_group(proc.pid, signal.SIGCONT)
+            inst.paused = False
+            self._emit("resume", inst, pid=proc.pid)
+        self._flush()
+        log.info("supervisor: resumed %s (pid %d)", consumer, proc.pid)
+        return True
+
+    def stop_instance(self, consumer: str, timeout: float | None = None,
+                      sig: signal.Signals = signal.SIGTERM) -> int | None:
+        """Stop one instance on purpose (``sig``, SIGKILL after ``timeout``) and keep it
+        stopped until :meth:`start_instance`: for kill-now, restart-later scenarios.
+        Returns its return code, or None when it was not running."""
+        with self._lock:
+            inst = self._get(consumer)
+            inst.want_running = False
+            inst.restart_at = None
+            proc = inst.proc
+            if proc is None:
+                return None
+            inst.expect = "stop"
+            self._emit("stop", inst, pid=proc.pid, signal=sig.name)
+            _signal_group(proc.pid, signal.SIGCONT)
+            _signal_group(proc.pid, sig)
+            inst.paused = False
+        self._flush()
+        self._await_exits([(inst, proc)], self.stop_timeout_s if timeout is None else timeout)
+        with self._lock:
+            return inst.last_returncode
+
+    def start_instance(self, consumer: str) -> int:
+        """Start a stopped instance again under the same consumer name (no-op when it is
+        running); clears its crash-loop state. Returns its pid."""
+        with self._lock:
+            if self._closing or not self._started:
+                raise RuntimeError("supervisor is not running")
+            inst = self._get(consumer)
+            if inst.proc is not None:
+                if not _has_exited(inst.proc):
+                    inst.want_running = True
+                    return inst.proc.pid
+                self._reap_if_exited(inst, time.monotonic())
+            inst.want_running = True
+            inst.restart_at = None
+            inst.quick_exits = 0
+            inst.gave_up = False
+            inst.crash_loop_reported = False
+            inst.spawn_error = None
+            pid = self._spawn(inst, cause="manual")
+        self._flush()
+        return pid
+
+    def restart(self, consumer: str, timeout: float | None = None) -> int:
+        """Graceful stop then start, same consumer name; returns the new pid."""
+        self.stop_instance(consumer, timeout=timeout)
+        return self.start_instance(consumer)
+
+    # -- readiness ----------------------------------------------------------------------
+    def wait_ready(self, timeout: float = 30.0, *, stop_on_error: bool = True) -> dict[str, int]:
+        """Until every instance meant to run is alive, not paused, and has joined consumer
+        group ``governor`` on ``P:stream:apply.plan`` since its latest start; returns
+        consumer -> pid. Starts the supervisor if :meth:`start` was not called.
+
+        Raises :class:`GovernorStartError` as soon as an instance has exited
+        ``quick_exit_limit`` times in a row within ``quick_exit_s`` of starting (once with
+        ``restart=False``), its command cannot be executed, or restarts were given up;
+        :class:`GovernorNotReady` at the timeout. With ``stop_on_error`` everything is
+        stopped before raising, so a caller reporting the error leaks nothing.
+        """
+        if not self._started:
+            self.start()
+        deadline = time.monotonic() + timeout
+        redis_error: str | None = None
+        try:
+            while True:
+                self._raise_if_failed()
+                with self._lock:
+                    now = time.monotonic()
+                    wanted = {c: (inst.proc.pid, (now - inst.started_mono) * 1000.0)
+                              for c, inst in self._instances.items()
+                              if inst.want_running and inst.proc is not None
+                              and not inst.paused and not _has_exited(inst.proc)}
+                    required = [c for c, inst in self._instances.items() if inst.want_running]
+                idle, redis_error = self._consumer_idle_ms()
+                # Seen since its latest start: a consumer entry survives its process, so a
+                # restarted instance is only ready once it has read the stream again.
+                ready = {c: pid for c, (pid, elapsed_ms) in wanted.items()
+                         if c in idle and idle[c] + 1 <= elapsed_ms}
+                if all(c in ready for c in required):
+                    return ready
+                if time.monotonic() >= deadline:
+                    raise self._not_ready(timeout, required, ready, redis_error)
+                time.sleep(0.05)
+        except GovernorStartError:
+            if stop_on_error:
+                self.stop()
+            raise
+
+    def _consumer_idle_ms(self) -> tuple[dict[str, int], str | None]:
+        """consumer -> idle ms in the plan group, and the Redis error if it could not say."""
+        try:
+            if self._client is None:
+                self._client = connect(self.redis_url, decode_responses=True,
+                                       socket_timeout=2.0)
+            rows = self._client.xinfo_consumers(Keys(self.prefix).plans, GROUP_GOVERNOR)
+        except redis.ResponseError as exc:  # no stream / no group yet
+            return {}, f"{type(exc).__name__}: {exc}"
+        except (redis.RedisError, OSError) as exc:
+            return {}, f"Redis unreachable: {type(exc).__name__}: {exc}"
+        return {str(r["name"]): int(r["idle"]) for r in rows}, None
+
+    def _raise_if_failed(self) -> None:
+        with self._lock:
+            for inst in self._instances.values():
+                if not inst.want_running:
+                    continue
+                if inst.spawn_error is not None:
+                    raise inst.spawn_error
+                reason = None
+                if inst.gave_up:
+                    reason = (f"{inst.consumer} kept exiting; gave up after "
+                              f"{inst.crash_restarts} restart(s)")
+                elif inst.quick_exits >= self.quick_exit_limit:
+                    reason = (f"{inst.consumer} exited {inst.quick_exits} times in a row, each "
+                              f"within {self.quick_exit_s:g}s of starting")
+                elif (not self.restart_enabled and inst.crashes
+                      and inst.proc is None and inst.restart_at is None):
+                    reason = f"{inst.consumer} exited (restart disabled)"
+                if reason is not None:
+                    raise self._start_error(reason, inst)
+
+    def _not_ready(self, timeout: float, required: list[str], ready: dict[str, int],
+                   redis_error: str | None) -> GovernorNotReady:
+        missing = [c for c in required if c not in ready]
+        reason = (f"{', '.join(missing)} did not join consumer group {GROUP_GOVERNOR!r} on "
+                  f"{Keys(self.prefix).plans} within {timeout:g}s")
+        if redis_error:
+            reason += f" (last Redis error: {redis_error})"
+        with self._lock:
+            inst = self._instances[missing[0]]
+            return GovernorNotReady(reason, command=self.spec.display(), consumer=inst.consumer,
+                                    returncode=inst.last_returncode,
+                                    log_tail=self._tail(inst), log_path=inst.log_path)
+
+    def _start_error(self, reason: str, inst: _Instance) -> GovernorStartError:
+        return GovernorStartError(reason, command=self.spec.display(), consumer=inst.consumer,
+                                  returncode=inst.last_returncode,
+                                  log_tail=self._tail(inst), log_path=inst.log_path)
+
+    # -- internals ----------------------------------------------------------------------
+    def _tail(self, inst: _Instance) -> str:
+        return log_tail(inst.log_path, since=inst.log_offset or 0)
+
+    def _get(self, consumer: str) -> _Instance:
+        try:
+            return self._instances[consumer]
+        except KeyError:
+            raise KeyError(f"unknown governor instance {consumer!r}; "
+                           f"have {', '.join(self._instances)}") from None
+
+    def _env(self, consumer: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({k: str(v) for k, v in self.spec.env.items()})
+        env.setdefault("PYTHONUNBUFFERED", "1")  # a Python governor's last words reach the log
+        env.update(REDIS_URL=self.redis_url, GOVERNOR_PREFIX=self.prefix,
+                   GOVERNOR_CONSUMER=consumer)
+        return env
+
+    def _spawn(self, inst: _Instance, cause: str) -> int:
+        """Start one process for ``inst`` (lock held). Raises GovernorStartError when the
+        command cannot be executed."""
+        argv = self.spec.argv()
+        cwd = os.fspath(self.spec.cwd) if self.spec.cwd is not None else None
+        inst.starts += 1
+        stamp = datetime.now(UTC).isoformat(timespec="milliseconds")
+        header = (f"===== {stamp} supervisor: start #{inst.starts} of {inst.consumer} "
+                  f"({cause}): {shlex.join(argv)}\n")
+        with open(inst.log_path, "ab") as log_file:
+            if inst.log_offset is None:
+                inst.log_offset = log_file.tell()
+            log_file.write(header.encode())
+            log_file.flush()
+            inst.started_mono = time.monotonic()
+            try:
+                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file,
+                                        stderr=subprocess.STDOUT, env=self._env(inst.consumer),
+                                        cwd=cwd, start_new_session=True, close_fds=True)
+            except OSError as exc:
+                reason = _spawn_error_reason(exc, argv, cwd)
+                log_file.write(f"===== supervisor: {reason}\n".encode())
+                log.error("supervisor: %s: %s", inst.consumer, reason)
+                raise GovernorStartError(reason, command=self.spec.display(),
+                                         consumer=inst.consumer) from exc
+        inst.proc = proc
+        inst.spawn_error = None
+        inst.spawn_failures = 0
+        self._emit("start", inst, pid=proc.pid, start_no=inst.starts, cause=cause)
+        log.info("supervisor: started %s pid %d (start #%d, %s)", inst.consumer, proc.pid,
+                 inst.starts, cause)
+        return proc.pid
+
+    def _backoff(self, failures: int) -> float:
+        """base, base, 2 base, 4 base... capped: a crash loop never becomes a busy loop."""
+        exp = min(max(0, failures - 1), 30)
+        return min(self.restart_backoff_max_s, self.restart_backoff_s * (2 ** exp))
+
+    def _reap_if_exited(self, inst: _Instance, now: float) -> bool:
+        """If ``inst``'s process is dead: kill its group's stragglers, reap it, record the
+        exit and schedule the restart. Lock held; the only place that reaps."""
+        proc = inst.proc
+        if proc is None or not _has_exited(proc):
+            return False
+        # The leader is a zombie, so its pid (= the group id) cannot have been reused.
+        _signal_group(proc.pid, signal.SIGKILL)
+        try:
+            rc = proc.wait(timeout=2.0)
+        except subprocess.TimeoutExpired:
+            return False
+        inst.proc = None
+        inst.paused = False
+        inst.last_returncode = rc
+        uptime = round(now - inst.started_mono, 3)
+        expect, inst.expect = inst.expect, None
+        may_restart = self.restart_enabled and inst.want_running and not self._closing
+        if expect is not None:
+            self._emit("exit", inst, pid=proc.pid, returncode=rc, cause=expect,
+                       uptime_s=uptime)
+            if may_restart:
+                inst.restart_at = now + self.restart_backoff_s
+            return True
+
+        inst.crashes += 1
+        inst.quick_exits = inst.quick_exits + 1 if uptime < self.quick_exit_s else 0
+        limit = self.max_restarts_per_instance
+        if may_restart and limit is not None and inst.crash_restarts >= limit:
+            may_restart = False
+            inst.gave_up = True
+        backoff = self._backoff(inst.quick_exits) if may_restart else None
+        self._emit("crash", inst, pid=proc.pid, returncode=rc, uptime_s=uptime,
+                   quick_exits=inst.quick_exits, backoff_s=backoff)
+        log.warning("supervisor: %s (pid %d) exited unexpectedly (return code %s) after %.3fs%s",
+                    inst.consumer, proc.pid, describe_returncode(rc), uptime,
+                    f"; restarting in {backoff:g}s" if backoff is not None else "")
+        if inst.quick_exits >= self.quick_exit_limit and not inst.crash_loop_reported:
+            inst.crash_loop_reported = True
+            self._emit("crash_loop", inst, quick_exits=inst.quick_exits, backoff_s=backoff)
+            log.error("supervisor: %s is crash-looping (%d exits within %gs of starting); "
+                      "see %s", inst.consumer, inst.quick_exits, self.quick_exit_s,
+                      inst.log_path)
+        if inst.gave_up:
+            self._emit("gave_up", inst, restarts=inst.crash_restarts)
+            log.error("supervisor: %s: gave up after %d restart(s)", inst.consumer,
+                      inst.crash_restarts)
+        if may_restart and backoff is not None:
+            inst.crash_restarts += 1
+            inst.restart_at = now + backoff
+        return True
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if self._closing:
+                return
+            for inst in self._instances.values():
+                self._reap_if_exited(inst, now)
+                if inst.proc is not None and now - inst.started_mono >= self.quick_exit_s:
+                    inst.quick_exits = 0  # it stayed up: the next exit starts a new count
+                    inst.crash_loop_reported = False
+                if (inst.proc is None and inst.want_running and inst.restart_at is not None
+                        and now >= inst.restart_at):
+                    inst.restart_at = None
+                    try:
+                        self._spawn(inst, cause="restart")
+                    except GovernorStartError as err:
+                        inst.spawn_error = err
+                        inst.spawn_failures += 1
+                        backoff = self._backoff(inst.spawn_failures)
+                        inst.restart_at = now + backoff
+                        self._emit("start_failed", inst, error=err.reason, backoff_s=backoff)
+
+    def _run_monitor(self) -> None:
+        """Poll for exits: Popen offers no exit notification that works across threads, and a
+        few ms of latency is far below any backoff."""
+        while not self._closing:
+            try:
+                self._tick()
+            except Exception:  # noqa: BLE001 - the monitor must outlive any one bad tick
+                log.exception("supervisor: monitor tick failed")
+            self._flush()
+            self._wake.wait(self.poll_interval_s)
+
+    def _await_exits(self, procs: Iterable[tuple[_Instance, subprocess.Popen[bytes]]],
+                     timeout: float) -> None:
+        """Wait until each process has been reaped (by us or the monitor); SIGKILL the group
+        of any still alive after ``timeout``, then wait a little more."""
+        pending = list(procs)
+        for phase_timeout, escalate in ((timeout, True), (5.0, False)):
+            deadline = time.monotonic() + phase_timeout
+            for delay in itertools.chain([0.0], itertools.repeat(0.005)):
+                with self._lock:
+                    now = time.monotonic()
+                    for inst, proc in pending:
+                        if inst.proc is proc:
+                            self._reap_if_exited(inst, now)
+                    pending = [(i, p) for i, p in pending if i.proc is p]
+                self._flush()
+                if not pending or time.monotonic() >= deadline:
+                    break
+                time.sleep(delay)
+            if not pending:
+                return
+            if escalate:
+                with self._lock:
+                    for inst, proc in pending:
+                        if inst.proc is proc:
+                            log.warning("supervisor: %s (pid %d) still running after %gs; "
+                                        "SIGKILL", inst.consumer, proc.pid, timeout)
+                            _signal_group(proc.pid, signal.SIGKILL)
+        for inst, proc in pending:
+            log.error("supervisor: %s (pid %d) could not be reaped", inst.consumer, proc.pid)
+
+    def _emit(self, kind: str, inst: _Instance, **fields: Any) -> None:
+        """Record an event (lock held); :meth:`_flush` delivers it outside the lock."""
+        event: Event = {"type": kind, "consumer": inst.consumer, **_now_fields(), **fields}
+        with self._lock:
+            self._events.append(event)
+            self._pending.append(event)
+
+    def _flush(self) -> None:
+        """Deliver pending events in order, never under the supervisor lock, so a sink may
+        call back into the supervisor or block without deadlocking the monitor."""
+        if self.on_event is None:
+            self._pending.clear()
+            return
+        with self._dispatch_lock:
+            while True:
+                try:
+                    event = self._pending.popleft()
+                except IndexError:
+                    return
+                try:
+                    self.on_event(event)
+                except Exception:  # noqa: BLE001 - a broken sink must not stop supervision
+                    log.exception("supervisor: on_event failed for %s", event.get("type"))
