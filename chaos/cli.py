@@ -24,6 +24,27 @@ def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="chaos", description="Chaos-testing harness for Redis-backed governors.")
     p.add_argument("--log-level", default="WARNING")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = sub.add_parser("run", help="run one scenario against a governor; writes a run directory")
+    run.add_argument("--scenario", required=True,
+                     help="built-in scenario name (see `chaos scenarios`) or a .toml file")
+    g = run.add_mutually_exclusive_group()
+    g.add_argument("--governor", default="reference", choices=["reference", "seed", "legacy"],
+                   help="a governor shipped with the project")
+    g.add_argument("--governor-cmd", metavar="CMD",
+                   help="any governor speaking the protocol, started as CMD with REDIS_URL, "
+                        "GOVERNOR_PREFIX and GOVERNOR_CONSUMER in its environment")
+    run.add_argument("--governors", type=int, help="instances (default: the scenario's)")
+    run.add_argument("--redis", choices=["embedded", "docker", "url"], default=None)
+    run.add_argument("--redis-url", help="with --redis url: an existing Redis (keys under a "
+                     "run-specific prefix; never flushed or reconfigured)")
+    run.add_argument("--seed", type=int)
+    run.add_argument("--duration", type=float, help="seconds of workload")
+    run.add_argument("--out", type=Path, help="the run directory itself")
+    run.add_argument("--no-probe", action="store_true", help="skip the liveness probe")
+    run.add_argument("--probe-max-wait", type=float, default=120.0,
+                     help="cap on the wait for TTLs to lapse before the probe (s)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    sub.add_parser("scenarios", help="list the built-in scenarios")
     demo = sub.add_parser("demo", help="a short demo load on an embedded Redis")
     demo.add_argument("--seconds", type=float, default=10.0)
     demo.add_argument("--governors", type=int, default=3)
@@ -38,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
+        if args.command == "scenarios":
+            return _scenarios()
+        if args.command == "run":
+            return _run(args)
         if args.command == "demo":
             if args.seconds <= 0 or args.governors < 1:
                 print("chaos demo: --seconds must be > 0 and --governors >= 1", file=sys.stderr)
@@ -55,3 +80,109 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chaos: harness failure: {exc}", file=sys.stderr)
         return EXIT_HARNESS
     return EXIT_BAD_ARGS
+
+
+def _scenarios() -> int:
+    from chaos import scenario as scn
+
+    for name in scn.builtin_names():
+        s = scn.load(name)
+        tag = "exposure" if s.exposure else "pass/fail"
+        print(f"{name:<20} {tag:<9} {s.description}")
+    return EXIT_VALID
+
+
+def _run(args: argparse.Namespace) -> int:
+    from chaos import scenario as scn
+    from chaos.runner import HarnessError, RunOptions, run
+
+    try:
+        sc = scn.load(args.scenario).with_overrides(seed=args.seed, duration_s=args.duration,
+                                                    governors=args.governors)
+        if args.redis == "url" and not args.redis_url:
+            raise scn.ScenarioError("--redis url needs --redis-url URL")
+        opts = RunOptions(scenario=sc, governor=args.governor, governor_cmd=args.governor_cmd,
+                          redis_kind=args.redis, redis_url=args.redis_url, out=args.out,
+                          progress=not args.quiet, probe=not args.no_probe,
+                          probe_max_wait_s=args.probe_max_wait)
+        opts.governor_spec()
+    except scn.ScenarioError as exc:
+        print(f"chaos run: {exc}", file=sys.stderr)
+        return EXIT_BAD_ARGS
+    try:
+        res = run(opts)
+    except HarnessError as exc:
+        print(f"chaos run: {exc}", file=sys.stderr)
+        return EXIT_HARNESS
+    except scn.ScenarioError as exc:
+        print(f"chaos run: {exc}", file=sys.stderr)
+        return EXIT_BAD_ARGS
+    print(f"run directory: {res.run_dir}")
+    print(f"status: {res.status}")
+    for k, v in res.stats.items():
+        if k in ("peak_open_positions", "double_opens", "double_closes", "orders",
+                 "decisions_recorded"):
+            print(f"  {k:<22} {v}")
+    if res.probe is not None:
+        print(f"  liveness probe         {'ok' if res.probe.ok else 'FAILED'} "
+              f"(closes {res.probe.closes}, opens {res.probe.opens})")
+    from chaos.checkers import check_run
+
+    verdict = check_run(res.run_dir)
+    print(verdict.summary())
+    if res.status == "interrupted":
+        return EXIT_UNKNOWN
+    return verdict.exit_code
+
+
+def _scenarios() -> int:
+    from chaos import scenario as scn
+
+    for name in scn.builtin_names():
+        s = scn.load(name)
+        tag = "exposure" if s.exposure else "pass/fail"
+        print(f"{name:<20} {tag:<9} {s.description}")
+    return EXIT_VALID
+
+
+def _run(args: argparse.Namespace) -> int:
+    from chaos import scenario as scn
+    from chaos.runner import HarnessError, RunOptions, run
+
+    try:
+        sc = scn.load(args.scenario).with_overrides(seed=args.seed, duration_s=args.duration,
+                                                    governors=args.governors)
+        if args.redis == "url" and not args.redis_url:
+            raise scn.ScenarioError("--redis url needs --redis-url URL")
+        opts = RunOptions(scenario=sc, governor=args.governor, governor_cmd=args.governor_cmd,
+                          redis_kind=args.redis, redis_url=args.redis_url, out=args.out,
+                          progress=not args.quiet, probe=not args.no_probe,
+                          probe_max_wait_s=args.probe_max_wait)
+        opts.governor_spec()
+    except scn.ScenarioError as exc:
+        print(f"chaos run: {exc}", file=sys.stderr)
+        return EXIT_BAD_ARGS
+    try:
+        res = run(opts)
+    except HarnessError as exc:
+        print(f"chaos run: {exc}", file=sys.stderr)
+        return EXIT_HARNESS
+    except scn.ScenarioError as exc:
+        print(f"chaos run: {exc}", file=sys.stderr)
+        return EXIT_BAD_ARGS
+    print(f"run directory: {res.run_dir}")
+    print(f"status: {res.status}")
+    for k, v in res.stats.items():
+        if k in ("peak_open_positions", "double_opens", "double_closes", "orders",
+                 "decisions_recorded"):
+            print(f"  {k:<22} {v}")
+    if res.probe is not None:
+        print(f"  liveness probe         {'ok' if res.probe.ok else 'FAILED'} "
+              f"(closes {res.probe.closes}, opens {res.probe.opens})")
+    from chaos.checkers import check_run
+
+    verdict = check_run(res.run_dir)
+    print(verdict.summary())
+    if res.status == "interrupted":
+        return EXIT_UNKNOWN
+    return verdict.exit_code

@@ -14,6 +14,8 @@ f              process         value
 =============  ==============  ===================================================
 ``submit``     producers       plan fields; invoke before XADD, ok with entry id,
                                fail when surely not added, info when unknown
+``plan``       recorder        a plan entry as read from the plan stream (all plans,
+                               including rotation plans that governors add)
 ``decision``   recorder        a decision event as read from the events stream
 ``take``       apply layer     permit taken (ok) or missing (fail)
 ``order``      apply layer     an order sent to the exchange and its fill
@@ -52,6 +54,7 @@ class OpType(StrEnum):
 
 class F(StrEnum):
     SUBMIT = "submit"
+    PLAN = "plan"
     DECISION = "decision"
     TAKE = "take"
     ORDER = "order"

@@ -1,0 +1,85 @@
+"""Verdicts over a run directory: one checker per invariant, written to results.json.
+
+Exit codes follow the verdict: 0 valid, 1 invalid, 2 unknown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from chaos.checkers.facts import Facts, gather
+from chaos.checkers.invariants import CHECKERS, INVARIANTS, CheckResult, Violation
+
+__all__ = ["CHECKERS", "INVARIANTS", "CheckResult", "Facts", "Verdict", "Violation",
+           "check_run", "gather"]
+
+
+@dataclass
+class Verdict:
+    run_dir: Path
+    valid: bool | None
+    results: dict[str, CheckResult] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.valid is True else (1 if self.valid is False else 2)
+
+    @property
+    def violations(self) -> list[Violation]:
+        return sorted((v for r in self.results.values() for v in r.violations),
+                      key=lambda v: v.wall_ms)
+
+    def to_dict(self) -> dict[str, Any]:
+        first = self.violations[0].wall_ms if self.violations else None
+        start = self.stats.get("first_ms")
+        return {
+            "valid": "unknown" if self.valid is None else self.valid,
+            "invariants": {n: r.to_dict() for n, r in self.results.items()},
+            "violations": [v.to_dict() for v in self.violations],
+            "time_to_first_violation_s": (first - start) / 1000 if first and start else None,
+            "stats": self.stats,
+        }
+
+    def summary(self) -> str:
+        word = {True: "VALID", False: "INVALID", None: "UNKNOWN"}[self.valid]
+        lines = [f"verdict: {word}"]
+        for n, r in self.results.items():
+            v = {True: "ok", False: "VIOLATED", None: "unknown"}[r.valid]
+            extra = f" ({len(r.violations)} violations)" if r.violations else (
+                f" ({r.note})" if r.note else "")
+            lines.append(f"  {n:<24} {v}{extra}")
+        for v in self.violations[:5]:
+            lines.append(f"  - [{v.invariant}] {v.message}")
+        if len(self.violations) > 5:
+            lines.append(f"  ... {len(self.violations) - 5} more in results.json")
+        return "\n".join(lines)
+
+
+def check_run(run_dir: str | Path, write: bool = True) -> Verdict:
+    run_dir = Path(run_dir)
+    t0 = time.perf_counter()
+    facts = gather(run_dir)
+    results = {name: fn(facts) for name, fn in CHECKERS.items()}
+    values = [r.valid for r in results.values()]
+    valid: bool | None = False if False in values else (None if None in values else True)
+    status = facts.meta.get("status")
+    if status not in (None, "complete") and valid is True:
+        valid = None  # an interrupted run cannot be declared valid
+    verdict = Verdict(run_dir, valid, results, {
+        "ops": facts.ops, "orders": len(facts.orders), "first_ms": facts.first_ms,
+        "last_ms": facts.last_ms, "check_seconds": round(time.perf_counter() - t0, 3),
+        "run_status": status, "faults": [
+            {"kind": w.kind, "start_ms": w.start_ms, "stop_ms": w.stop_ms, "ok": w.ok,
+             "target": w.target} for w in facts.faults],
+    })
+    if write:
+        tmp = run_dir / "results.json.tmp"
+        tmp.write_text(json.dumps(verdict.to_dict(), indent=2, default=str))
+        os.replace(tmp, run_dir / "results.json")
+    return verdict

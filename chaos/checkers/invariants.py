@@ -1,0 +1,393 @@
+"""One checker per invariant of the protocol (docs/protocol.md, "Invariants").
+
+Each is ``check(facts) -> CheckResult`` with ``valid`` True, False, or None
+(unknown: the history cannot decide, e.g. the run was cut short). A
+violation names the time, symbol and plans, the bound and what was observed,
+and the few events that show it. Outcomes that are unknown (an ``info`` op,
+a regime flip in flight) are read in the governor's favour: a violation is
+reported only when every reading of them violates.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from chaos.checkers.facts import Decision, Facts, LedgerOrder
+
+INVARIANTS = ("slots", "one_position_per_symbol", "single_close", "capital", "fresh_intent",
+              "one_decision", "liveness")
+
+
+@dataclass(frozen=True)
+class Violation:
+    invariant: str
+    wall_ms: int
+    symbol: str | None
+    plan_ids: tuple[str, ...]
+    expected: str
+    observed: str
+    message: str
+    events: tuple[dict[str, Any], ...] = ()
+    faults: tuple[str, ...] = ()  # faults active at the time
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["plan_ids"] = list(self.plan_ids)
+        d["events"] = list(self.events)
+        d["faults"] = list(self.faults)
+        return d
+
+
+@dataclass
+class CheckResult:
+    invariant: str
+    valid: bool | None
+    violations: list[Violation] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"invariant": self.invariant,
+                "valid": "unknown" if self.valid is None else self.valid,
+                "violations": len(self.violations), "stats": self.stats, "note": self.note}
+
+
+def _order_event(o: LedgerOrder) -> dict[str, Any]:
+    return {"what": "order", "seq": o.seq, "plan_id": o.plan_id, "symbol": o.symbol,
+            "action": o.action, "effect": o.effect, "position_id": o.position_id,
+            "open_count_after": o.open_count_after, "wall_ms": o.wall_ms,
+            "issued_at_ms": o.issued_at_ms, "notional": o.notional}
+
+
+def _decision_event(d: Decision) -> dict[str, Any]:
+    return {"what": "decision", "plan_id": d.plan_id, "symbol": d.symbol, "action": d.action,
+            "decision": d.decision, "reason": d.reason, "governor": d.governor,
+            "entry_ms": d.entry_ms, "fence": d.fence}
+
+
+def _permit(facts: Facts, plan_id: str) -> Decision | None:
+    for d in facts.decisions.get(plan_id, ()):
+        if d.decision == "PERMIT":
+            return d
+    return None
+
+
+def _issued_ms(facts: Facts, o: LedgerOrder) -> int:
+    if o.issued_at_ms:
+        return o.issued_at_ms
+    p = _permit(facts, o.plan_id)
+    return p.entry_ms if p else o.wall_ms
+
+
+def _finish(name: str, violations: list[Violation], stats: dict[str, Any],
+            unknown: str = "") -> CheckResult:
+    if violations:
+        return CheckResult(name, False, violations, stats)
+    if unknown:
+        return CheckResult(name, None, [], stats, unknown)
+    return CheckResult(name, True, [], stats)
+
+
+# -- slots ----------------------------------------------------------------------------------
+def check_slots(facts: Facts) -> CheckResult:
+    cfg = facts.config
+    vs: list[Violation] = []
+    peak = 0
+    for o in facts.orders:
+        peak = max(peak, o.open_count_after)
+        if o.open_count_after > cfg.max_positions:
+            vs.append(Violation("slots", o.wall_ms, o.symbol, (o.plan_id,),
+                                f"<= {cfg.max_positions} open (max_positions)",
+                                f"{o.open_count_after} open", f"{o.open_count_after} positions "
+                                f"open after {o.plan_id}, above max_positions "
+                                f"{cfg.max_positions}", (_order_event(o),),
+                                tuple(facts.fault_at(o.wall_ms))))
+            continue
+        if o.action != "OPEN" or o.effect != "open":
+            continue
+        before = o.open_count_after - 1
+        issued = _issued_ms(facts, o)
+        regimes = facts.regime_at(issued)
+        allowed = max(cfg.slots_for(r) for r in regimes)
+        if before >= allowed:
+            p = _permit(facts, o.plan_id)
+            vs.append(Violation(
+                "slots", o.wall_ms, o.symbol, (o.plan_id,),
+                f"< {allowed} open before an OPEN executes (regime "
+                f"{'/'.join(sorted(regimes))} at permit time)",
+                f"{before} open", f"OPEN {o.plan_id} on {o.symbol} executed with {before} "
+                f"positions already open; the regime in force when its permit was issued "
+                f"allows {allowed}",
+                tuple(x for x in (_decision_event(p) if p else None, _order_event(o)) if x),
+                tuple(facts.fault_at(o.wall_ms))))
+    return _finish("slots", vs, {"peak_open_positions": peak, "orders": len(facts.orders)})
+
+
+# -- one position per symbol --------------------------------------------------------------
+def check_one_position_per_symbol(facts: Facts) -> CheckResult:
+    vs = []
+    for o in facts.orders:
+        if o.effect == "add":
+            vs.append(Violation("one_position_per_symbol", o.wall_ms, o.symbol, (o.plan_id,),
+                                "OPEN only on a flat symbol", "OPEN on an open symbol",
+                                f"OPEN {o.plan_id} added to the open position {o.position_id} "
+                                f"on {o.symbol} (a double open)", (_order_event(o),),
+                                tuple(facts.fault_at(o.wall_ms))))
+    return _finish("one_position_per_symbol", vs, {})
+
+
+# -- single close ---------------------------------------------------------------------------
+def check_single_close(facts: Facts) -> CheckResult:
+    vs: list[Violation] = []
+    closes_by_position: dict[str, list[LedgerOrder]] = defaultdict(list)
+    for o in facts.orders:
+        if o.action != "CLOSE":
+            continue
+        if o.effect == "flip":
+            vs.append(Violation("single_close", o.wall_ms, o.symbol, (o.plan_id,),
+                                "CLOSE only on an open position", "CLOSE on a flat symbol",
+                                f"CLOSE {o.plan_id} executed on flat {o.symbol}: the account "
+                                f"flipped into a new position {o.position_id} (a double close)",
+                                (_order_event(o),), tuple(facts.fault_at(o.wall_ms))))
+        elif o.effect == "close":
+            closes_by_position[o.position_id].append(o)
+    for pid, closes in closes_by_position.items():
+        if len(closes) > 1:
+            o = closes[1]
+            vs.append(Violation("single_close", o.wall_ms, o.symbol,
+                                tuple(c.plan_id for c in closes), "one executed close",
+                                f"{len(closes)} closes", f"position {pid} closed {len(closes)} "
+                                f"times", tuple(_order_event(c) for c in closes),
+                                tuple(facts.fault_at(o.wall_ms))))
+    # No two CLOSE permits of one symbol outstanding at once.
+    ttl = facts.config.permit_ttl_ms
+    end_of: dict[str, int] = {}
+    for o in facts.orders:
+        end_of.setdefault(o.plan_id, o.wall_ms)
+    permits: dict[str, list[tuple[int, int, Decision]]] = defaultdict(list)
+    for pid, ds in facts.decisions.items():
+        d = next((x for x in ds if x.decision == "PERMIT" and x.action == "CLOSE"), None)
+        if d is None:
+            continue
+        ends = [end_of.get(pid)]
+        ends += [ms for status, ms in facts.takes.get(pid, ()) if status == "fail"]
+        ends += [ms for ms, r in facts.results.get(pid, ()) if r.get("status") != "executed"]
+        known = [e for e in ends if e is not None]
+        end = min(known) if known else d.entry_ms + ttl  # never taken: the permit lapsed
+        permits[d.symbol].append((d.entry_ms, max(end, d.entry_ms), d))
+    overlaps = 0
+    for sym, spans in permits.items():
+        spans.sort(key=lambda s: s[0])
+        for (s1, e1, d1), (s2, _e2, d2) in zip(spans, spans[1:], strict=False):
+            if s2 < e1:
+                overlaps += 1
+                vs.append(Violation(
+                    "single_close", s2, sym, (d1.plan_id, d2.plan_id),
+                    "at most one CLOSE permit of a symbol outstanding",
+                    "two outstanding", f"CLOSE permit {d2.plan_id} on {sym} issued at {s2} "
+                    f"while permit {d1.plan_id} (issued {s1}) was outstanding until {e1}",
+                    (_decision_event(d1), _decision_event(d2)), tuple(facts.fault_at(s2))))
+    return _finish("single_close", vs, {"close_permits": sum(len(v) for v in permits.values()),
+                                        "overlapping_permits": overlaps})
+
+
+# -- capital --------------------------------------------------------------------------------
+def check_capital(facts: Facts) -> CheckResult:
+    cfg = facts.config
+    vs: list[Violation] = []
+    enforce_alloc = cfg.enforce_allocation != 0 or cfg.mode == "production"
+    alloc_cap = facts.capital * facts.allocation_pct
+    # Timeline of OPEN permits (Redis time) and executions (ledger): open + permitted notional.
+    opens_exec = {o.plan_id: o for o in facts.orders if o.action == "OPEN" and o.executed}
+    events: list[tuple[int, int, str, Any]] = []
+    for pid, ds in facts.decisions.items():
+        d = next((x for x in ds if x.decision == "PERMIT" and x.action == "OPEN"), None)
+        if d is None:
+            continue
+        notional = _plan_notional(facts, pid)
+        if notional is None:
+            continue
+        if notional > cfg.max_notional_per_trade + 1e-9:
+            vs.append(Violation("capital", d.entry_ms, d.symbol, (pid,),
+                                f"<= {cfg.max_notional_per_trade} per trade", f"{notional}",
+                                f"OPEN {pid} permitted for {notional}, above "
+                                f"max_notional_per_trade", (_decision_event(d),),
+                                tuple(facts.fault_at(d.entry_ms))))
+        o = opens_exec.get(pid)
+        took_fail = any(s == "fail" for s, _ in facts.takes.get(pid, ()))
+        end = o.wall_ms if o else (min((ms for s, ms in facts.takes[pid] if s == "fail"))
+                                   if took_fail else d.entry_ms + cfg.permit_ttl_ms)
+        events.append((d.entry_ms, 0, "permit", (pid, d, notional)))
+        events.append((max(end, d.entry_ms), 1, "settle", pid))
+    for o in facts.orders:
+        events.append((o.wall_ms, 2, "order", o))
+    events.sort(key=lambda e: (e[0], e[1]))
+    pending: dict[str, tuple[str, float]] = {}
+    open_notional: dict[str, float] = defaultdict(float)
+    for _ms, _k, kind, x in events:
+        if kind == "permit":
+            pid, d, notional = x
+            pending[pid] = (d.symbol, notional)
+            total = sum(open_notional.values()) + sum(n for _s, n in pending.values())
+            if total > cfg.max_total_notional + 1e-6:
+                vs.append(Violation("capital", d.entry_ms, d.symbol, (pid,),
+                                    f"<= {cfg.max_total_notional} open + permitted",
+                                    f"{total:.2f}", f"OPEN {pid} permitted with {total:.2f} "
+                                    f"open + permitted in total", (_decision_event(d),),
+                                    tuple(facts.fault_at(d.entry_ms))))
+            if enforce_alloc and alloc_cap > 0:
+                on_sym = open_notional[d.symbol] + sum(n for s, n in pending.values()
+                                                       if s == d.symbol)
+                if on_sym > alloc_cap + 1e-6:
+                    vs.append(Violation("capital", d.entry_ms, d.symbol, (pid,),
+                                        f"<= {alloc_cap:.2f} on {d.symbol} (capital x "
+                                        f"allocation_pct)", f"{on_sym:.2f}",
+                                        f"OPEN {pid} permitted with {on_sym:.2f} open + "
+                                        f"permitted on {d.symbol}", (_decision_event(d),),
+                                        tuple(facts.fault_at(d.entry_ms))))
+        elif kind == "settle":
+            pending.pop(x, None)
+        else:
+            o: LedgerOrder = x
+            pending.pop(o.plan_id, None)
+            if not o.executed:
+                continue
+            if o.action == "OPEN":
+                open_notional[o.symbol] += o.notional
+            elif o.effect == "close":
+                open_notional[o.symbol] = 0.0
+            elif o.effect == "flip":
+                open_notional[o.symbol] = o.notional
+    return _finish("capital", vs, {"allocation_enforced": enforce_alloc})
+
+
+def _plan_notional(facts: Facts, plan_id: str) -> float | None:
+    s = facts.submits.get(plan_id)
+    raw = (s.fields.get("notional") if s else None)
+    if raw is None:
+        entries = facts.plan_entries.get(plan_id)
+        raw = entries[0][1].get("notional") if entries else None
+    try:
+        return float(raw) if raw is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+# -- fresh intent ---------------------------------------------------------------------------
+def check_fresh_intent(facts: Facts) -> CheckResult:
+    max_age = facts.config.max_intent_age_ms
+    vs = []
+    checked = 0
+    for pid, ds in facts.decisions.items():
+        for d in ds:
+            if d.decision != "PERMIT":
+                continue
+            created = _created_ms(facts, pid)
+            if created is None:
+                continue
+            checked += 1
+            age = d.entry_ms - created
+            if age > max_age:
+                vs.append(Violation("fresh_intent", d.entry_ms, d.symbol, (pid,),
+                                    f"age <= {max_age} ms at decision", f"{age} ms",
+                                    f"{d.action} {pid} permitted {age} ms after its intent was "
+                                    f"created", (_decision_event(d),),
+                                    tuple(facts.fault_at(d.entry_ms))))
+    return _finish("fresh_intent", vs, {"permits_checked": checked})
+
+
+def _created_ms(facts: Facts, plan_id: str) -> int | None:
+    s = facts.submits.get(plan_id)
+    raw = s.fields.get("intent_created_at_ms") if s else None
+    if raw is None:
+        entries = facts.plan_entries.get(plan_id)
+        raw = entries[0][1].get("intent_created_at_ms") if entries else None
+    try:
+        return int(raw) if raw is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+# -- one decision ---------------------------------------------------------------------------
+def check_one_decision(facts: Facts, deadline_ms: int = 60_000) -> CheckResult:
+    vs: list[Violation] = []
+    end_ms = facts.phases.get("heal", {}).get("ok") or facts.last_ms or 0
+    data_lost = facts.stream_resets > 0
+    expected = 0
+    for pid, s in facts.submits.items():
+        ds = facts.decisions.get(pid, [])
+        if len(ds) > 1:
+            differ = len({(d.decision, d.reason) for d in ds}) > 1
+            vs.append(Violation("one_decision", ds[1].entry_ms, ds[0].symbol, (pid,),
+                                "exactly one decision", f"{len(ds)} decisions",
+                                f"plan {pid} got {len(ds)} decisions"
+                                f"{' that differ' if differ else ''}",
+                                tuple(_decision_event(d) for d in ds),
+                                tuple(facts.fault_at(ds[1].entry_ms))))
+            continue
+        if s.status != "ok" or s.malformed and not _answerable(s):
+            continue  # unknown whether it was added, or nothing to answer to
+        expected += 1
+        if ds:
+            if ds[0].entry_ms - s.wall_ms > deadline_ms:
+                vs.append(Violation("one_decision", ds[0].entry_ms, ds[0].symbol, (pid,),
+                                    f"a decision within {deadline_ms} ms",
+                                    f"after {ds[0].entry_ms - s.wall_ms} ms",
+                                    f"plan {pid} was decided late", (_decision_event(ds[0]),),
+                                    tuple(facts.fault_at(ds[0].entry_ms))))
+            continue
+        if data_lost:
+            continue  # the plan may have been lost with Redis's data: unknown, not invalid
+        if s.wall_ms > end_ms:
+            continue
+        vs.append(Violation("one_decision", s.wall_ms, s.fields.get("symbol"), (pid,),
+                            "exactly one decision", "none", f"plan {pid} was never decided",
+                            ({"what": "submit", "plan_id": pid, "wall_ms": s.wall_ms},),
+                            tuple(facts.fault_at(s.wall_ms))))
+    # Decisions for plans of other origins (rotation) may also be doubled.
+    for pid, ds in facts.decisions.items():
+        if pid not in facts.submits and len(ds) > 1:
+            vs.append(Violation("one_decision", ds[1].entry_ms, ds[0].symbol, (pid,),
+                                "exactly one decision", f"{len(ds)} decisions",
+                                f"plan {pid} got {len(ds)} decisions",
+                                tuple(_decision_event(d) for d in ds),
+                                tuple(facts.fault_at(ds[1].entry_ms))))
+    note = "Redis lost data during the run: undecided plans are unknown" if data_lost else ""
+    return _finish("one_decision", vs, {"plans_expected": expected}, note if data_lost and
+                   not vs else "")
+
+
+def _answerable(s: Any) -> bool:
+    pid = s.fields.get("plan_id")
+    return isinstance(pid, str) and 0 < len(pid) <= 64 and all(
+        c.isalnum() or c in "_.:-" for c in pid)
+
+
+# -- liveness -------------------------------------------------------------------------------
+def check_liveness(facts: Facts) -> CheckResult:
+    if not facts.probes:
+        return CheckResult("liveness", None, note="no liveness probe in this run")
+    vs = []
+    for pid, p in facts.probes.items():
+        if p.get("decision") != "PERMIT":
+            observed = p.get("reason") or ("no decision" if p.get("decision") is None
+                                           else p.get("decision"))
+            vs.append(Violation("liveness", facts.phases.get("probe", {}).get("invoke", 0),
+                                p.get("symbol"), (pid,), f"probe {p.get('probe')} permitted",
+                                str(observed), f"liveness probe {p.get('probe')} {pid} on "
+                                f"{p.get('symbol')} was not permitted: {observed}", ()))
+    return _finish("liveness", vs, {"probes": len(facts.probes)})
+
+
+CHECKERS: dict[str, Callable[[Facts], CheckResult]] = {
+    "slots": check_slots,
+    "one_position_per_symbol": check_one_position_per_symbol,
+    "single_close": check_single_close,
+    "capital": check_capital,
+    "fresh_intent": check_fresh_intent,
+    "one_decision": check_one_decision,
+    "liveness": check_liveness,
+}

@@ -1,0 +1,470 @@
+"""One chaos run: Redis, governors under test, apply layer, workloads, faults, probe.
+
+The run directory holds everything needed to judge the run later, written
+as the run goes (a killed or interrupted run still leaves a checkable one):
+
+    run.json        scenario, options, versions, phases, status (rewritten at the end)
+    scenario.toml   the scenario as given
+    history/        Jepsen-style operations, one JSONL file per process
+    ledger.sqlite   the exchange: ground truth, outside the Redis under test
+    logs/           every governor's output, the harness log, the Redis log
+
+Without ``--out`` the directory is ``reports/runs/<scenario>/<timestamp>/``
+and ``reports/runs/<scenario>/latest`` points at it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from chaos import scenario as scn
+from chaos.apply_layer import ApplyConfig, ApplyLayer
+from chaos.exchange import Exchange, Order
+from chaos.history import F, HistoryWriter
+from chaos.probe import PROBE_SYMBOLS, ProbeOutcome, run_probe
+from chaos.recorder import StreamRecorder, apply_hook, supervisor_hook
+from chaos.redis_servers import EmbeddedConfig, RedisProvider, provide
+from chaos.supervisor import GovernorSpec, GovernorStartError, Supervisor
+from governor_ref.keys import GROUP_GOVERNOR, Keys
+
+log = logging.getLogger(__name__)
+
+ROOT_REPORTS = Path("reports") / "runs"
+VARIANTS = ("reference", "seed", "legacy")
+
+
+class HarnessError(RuntimeError):
+    """The harness itself could not do its job (exit 255), e.g. a governor that never starts."""
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    scenario: scn.Scenario
+    governor: str = "reference"
+    governor_cmd: str | None = None
+    redis_kind: str | None = None  # overrides scenario.redis.kind
+    redis_url: str | None = None
+    out: Path | None = None
+    progress: bool = True
+    probe: bool = True
+    probe_max_wait_s: float = 120.0
+
+    def governor_spec(self) -> GovernorSpec:
+        if self.governor_cmd:
+            return GovernorSpec(self.governor_cmd)
+        if self.governor not in VARIANTS:
+            raise scn.ScenarioError(f"--governor must be one of {', '.join(VARIANTS)} "
+                                    f"(or use --governor-cmd)")
+        return GovernorSpec("python -m governor_ref run", env={"GOVERNOR_VARIANT": self.governor})
+
+    @property
+    def governor_label(self) -> str:
+        return f"cmd:{self.governor_cmd}" if self.governor_cmd else self.governor
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    status: str  # complete | interrupted | harness_error
+    probe: ProbeOutcome | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+def default_run_dir(name: str) -> Path:
+    base = ROOT_REPORTS / name
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    d = base / stamp
+    n = 1
+    while d.exists():
+        n += 1
+        d = base / f"{stamp}-{n}"
+    return d
+
+
+def _link_latest(run_dir: Path) -> None:
+    latest = run_dir.parent / "latest"
+    with contextlib.suppress(OSError):
+        if latest.is_symlink() or latest.exists():
+            latest.unlink()
+        latest.symlink_to(run_dir.name)
+
+
+class Run:
+    """Holds every part of one run so that teardown can stop each one, in order."""
+
+    def __init__(self, opts: RunOptions) -> None:
+        self.opts = opts
+        self.sc = opts.scenario
+        self.run_dir = (opts.out or default_run_dir(self.sc.name)).resolve()
+        self.keys: Keys | None = None
+        self.provider: RedisProvider | None = None
+        self.proxy: Any = None
+        self.exchange: Exchange | None = None
+        self.apply: ApplyLayer | None = None
+        self.supervisor: Supervisor | None = None
+        self.recorder: StreamRecorder | None = None
+        self.nemesis: Any = None
+        self.workloads: Any = None
+        self.writers: list[HistoryWriter] = []
+        self.meta: dict[str, Any] = {}
+        self._log_handler: logging.Handler | None = None
+
+    # -- helpers --------------------------------------------------------------------
+    def writer(self, process: str) -> HistoryWriter:
+        w = HistoryWriter(self.run_dir, process)
+        self.writers.append(w)
+        return w
+
+    def admin(self) -> redis.Redis:
+        """A client to the current primary (follows a Sentinel failover)."""
+        assert self.provider is not None
+        return self.provider.client(decode_responses=True)
+
+    def governor_url(self) -> str:
+        assert self.provider is not None
+        if self.proxy is not None:
+            return self.proxy.url
+        if self.provider.kind == "sentinel":
+            addrs = ",".join(f"{h}:{p}" for h, p in self.provider.sentinel_addresses)
+            return f"redis-sentinel://{addrs}/{self.provider.master_name}"
+        return self.provider.url
+
+    def write_meta(self, **updates: Any) -> None:
+        self.meta.update(updates)
+        tmp = self.run_dir / "run.json.tmp"
+        tmp.write_text(json.dumps(self.meta, indent=2, default=str))
+        os.replace(tmp, self.run_dir / "run.json")
+
+    # -- phases -------------------------------------------------------------------------
+    def prepare(self) -> None:
+        d = self.run_dir
+        (d / "logs").mkdir(parents=True, exist_ok=True)
+        self._log_handler = logging.FileHandler(d / "logs" / "harness.log")
+        self._log_handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s"))
+        logging.getLogger().addHandler(self._log_handler)
+        if logging.getLogger().level > logging.INFO:
+            logging.getLogger().setLevel(logging.INFO)
+            for h in logging.getLogger().handlers:
+                if h is not self._log_handler and isinstance(h, logging.StreamHandler):
+                    h.setLevel(logging.WARNING)
+        if self.sc.source and Path(self.sc.source).is_file():
+            (d / "scenario.toml").write_text(Path(self.sc.source).read_text())
+        if self.opts.out is None:
+            _link_latest(d)
+        self.write_meta(
+            scenario=self.sc.name, exposure=self.sc.exposure, seed=self.sc.seed,
+            duration_s=self.sc.duration_s, governors=self.sc.governors,
+            governor=self.opts.governor_label, status="running",
+            started_wall_ms=int(time.time() * 1000), python=sys.version.split()[0],
+            platform=platform.platform(), scenario_spec=asdict(self.sc),
+        )
+
+    def start_redis(self) -> None:
+        r = self.sc.redis
+        kind = self.opts.redis_kind or r.kind
+        cfg = EmbeddedConfig(appendonly=r.appendonly, appendfsync=r.appendfsync,
+                             maxmemory=r.maxmemory, maxmemory_policy=r.maxmemory_policy)
+        if kind == "url":
+            url = self.opts.redis_url or r.url
+            if not url:
+                raise scn.ScenarioError("--redis url needs --redis-url URL")
+            self.provider = provide("url", url=url)
+        elif r.topology == "sentinel":
+            if kind != "embedded":
+                raise scn.ScenarioError("a sentinel topology is only available embedded")
+            self.provider = provide("sentinel", config=cfg)
+        else:
+            self.provider = provide(kind, config=cfg)
+        prefix = self.provider.prefix or "quantum"
+        self.keys = Keys(prefix)
+        if r.proxy:
+            from chaos.proxy import FaultProxy
+
+            host, port = _host_port(self.provider)
+            self.proxy = FaultProxy(host, port).start()
+        admin = self.admin()
+        info = admin.info("server")
+        self.write_meta(redis={"kind": self.provider.kind, "version": info.get("redis_version"),
+                               "url": _redact(self.provider.url), "prefix": prefix,
+                               "proxy": self.proxy.url if self.proxy else None})
+
+    def write_inputs(self) -> None:
+        """The operator's inputs, before any governor starts; recorded as operations."""
+        assert self.keys is not None
+        k, m = self.keys, self.sc.market
+        op = self.writer("operator")
+        cfg = self.sc.governor_config().to_hash()
+        r = self.admin()
+        symbols = self.symbols()
+        pipe = r.pipeline()
+        pipe.hset(k.config, mapping=cfg)
+        pipe.set(k.regime, m.regime)
+        pipe.set(k.capital, str(m.capital))
+        pipe.set(k.exposure_pct, "0")
+        for s in [*symbols, *PROBE_SYMBOLS]:
+            pipe.set(k.allocation(s), json.dumps({"allocation_pct": m.allocation_pct}))
+        pipe.execute()
+        with contextlib.suppress(redis.ResponseError):
+            r.xgroup_create(k.plans, GROUP_GOVERNOR, id="0", mkstream=True)
+        op.ok(F.OPERATOR, key="config", config=cfg)
+        op.ok(F.OPERATOR, key="regime-initial", regime=m.regime, initial=True)
+        op.ok(F.OPERATOR, key="capital", capital=m.capital, allocation_pct=m.allocation_pct,
+              symbols=symbols)
+        self.write_meta(governor_config=cfg, symbols=symbols)
+
+    def symbols(self) -> list[str]:
+        return [f"S{i:03d}USDT" for i in range(self.sc.market.symbols)]
+
+    def start_exchange(self) -> None:
+        assert self.keys is not None
+        a = self.sc.apply
+        self.exchange = Exchange.create(self.run_dir / "ledger.sqlite", reduce_only=a.reduce_only,
+                                        fenced=a.fenced, capital=self.sc.market.capital)
+        for i in range(self.sc.market.initial_positions):
+            sym = self.symbols()[i % len(self.symbols())]
+            if sym not in self.exchange.open_positions():
+                self.exchange.execute(Order(f"initial-{i}", sym, "OPEN", "LONG", "50"))
+        self.exchange.mirror(self.admin(), self.keys, self.sc.market.capital)
+        url = self.provider.url if self.provider is not None else ""
+        factory: Any = self.admin if self.provider is not None and \
+            self.provider.kind == "sentinel" else url
+        self.apply = ApplyLayer(factory, self.keys, self.exchange, ApplyConfig(
+            open_latency_ms=a.open_latency_ms, open_jitter_ms=a.open_jitter_ms,
+            close_latency_ms=a.close_latency_ms, close_jitter_ms=a.close_jitter_ms,
+            duplicate_result_prob=a.duplicate_result_prob, late_duplicate_ms=a.late_duplicate_ms,
+            seed=self.sc.seed, capital=self.sc.market.capital,
+        ), on_record=apply_hook(self.writer("apply")))
+        self.apply.start_thread()
+        self.recorder = StreamRecorder(self.admin, self.keys, self.writer("recorder")).start()
+
+    def start_governors(self) -> None:
+        assert self.keys is not None
+        self.supervisor = Supervisor(
+            self.opts.governor_spec(), self.governor_url(), self.keys.prefix, self.sc.governors,
+            self.run_dir / "logs", on_event=supervisor_hook(self.writer("supervisor")))
+        try:
+            self.supervisor.start()
+            pids = self.supervisor.wait_ready(timeout=30)
+        except GovernorStartError as exc:
+            raise HarnessError(f"the governor under test did not start: {exc}") from exc
+        self.write_meta(governor_command=self.opts.governor_spec().display(), governor_pids=pids)
+
+    def start_load(self, t0: float) -> None:
+        from chaos.nemesis import Nemesis, NemesisContext
+        from chaos.workloads import WorkloadContext, start_workloads
+
+        assert self.keys is not None
+        import random
+
+        ctx = WorkloadContext(
+            redis_url=self.provider.url if self.provider is not None else "",
+            prefix=self.keys.prefix, run_dir=str(self.run_dir), seed=self.sc.seed,
+            duration_s=self.sc.duration_s, symbols=self.symbols(),
+            config=self.sc.governor_config().to_hash(),
+            ledger_path=str(self.run_dir / "ledger.sqlite"), capital=self.sc.market.capital)
+        if self.sc.workloads:
+            self.workloads = start_workloads(list(self.sc.workloads), ctx)
+        if self.sc.faults:
+            nctx = NemesisContext(
+                supervisor=self.supervisor, redis=self.provider, proxy=self.proxy,
+                apply_layer=self.apply, keys=self.keys, config=self.sc.governor_config(),
+                admin=self.admin, rng=random.Random(self.sc.seed + 7919),
+                history=self.writer("nemesis"))
+            self.nemesis = Nemesis(nctx, list(self.sc.faults))
+            self.nemesis.start(t0)
+
+    # -- the whole run ----------------------------------------------------------------------
+    def execute(self) -> RunResult:
+        phases = self.writer("runner")
+        result = RunResult(self.run_dir, "complete")
+        try:
+            self.prepare()
+            self.start_redis()
+            self.write_inputs()
+            self.start_exchange()
+            self.start_governors()
+            phases.invoke(F.PHASE, key="workload")
+            t0 = time.monotonic()
+            self.start_load(t0)
+            self._wait(t0, self.sc.duration_s)
+            self._stop_load()
+            phases.ok(F.PHASE, key="workload")
+            phases.invoke(F.PHASE, key="heal")
+            if self.nemesis is not None:
+                self.nemesis.heal_all()
+            self._settle()
+            phases.ok(F.PHASE, key="heal")
+            if self.opts.probe:
+                phases.invoke(F.PHASE, key="probe")
+                if self.supervisor is not None:
+                    self.supervisor.wait_ready(timeout=30)
+                assert self.keys is not None and self.exchange is not None
+                result.probe = run_probe(self.admin(), self.keys, self.exchange,
+                                         self.sc.governor_config(), self.writer("probe"),
+                                         max_wait_s=self.opts.probe_max_wait_s)
+                phases.ok(F.PHASE, key="probe", ok=result.probe.ok)
+        except KeyboardInterrupt:
+            result.status = "interrupted"
+            phases.info(F.PHASE, key="interrupted")
+            log.warning("interrupted: stopping and keeping what was recorded")
+        except (HarnessError, scn.ScenarioError):
+            result.status = "harness_error"
+            raise
+        except Exception as exc:
+            result.status = "harness_error"
+            result.error = f"{type(exc).__name__}: {exc}"
+            log.exception("harness failure")
+            raise
+        finally:
+            self.teardown(result)
+        return result
+
+    def _wait(self, t0: float, duration: float) -> None:
+        while (elapsed := time.monotonic() - t0) < duration:
+            if self.opts.progress:
+                self._progress(elapsed, duration)
+            time.sleep(0.25)
+        if self.opts.progress:
+            self._progress(duration, duration, end=True)
+
+    def _progress(self, elapsed: float, total: float, end: bool = False) -> None:
+        assert self.keys is not None
+        try:
+            r = self.admin()
+            plans, decisions = r.xlen(self.keys.plans), r.xlen(self.keys.events)
+        except redis.RedisError:
+            plans = decisions = -1
+        open_now = self.exchange.open_count() if self.exchange else 0
+        faults = ",".join(sorted({a for a in (self.nemesis.active() if self.nemesis else [])}))
+        width = 24
+        done = int(width * min(1.0, elapsed / total))
+        line = (f"\r{self.sc.name:<18} [{'#' * done}{'.' * (width - done)}] "
+                f"{elapsed:5.1f}/{total:.0f}s plans {plans:6d} decided {decisions:6d} "
+                f"open {open_now:3d} {('faults: ' + faults) if faults else '':<30}")
+        sys.stderr.write(line[:160] + ("\n" if end else ""))
+        sys.stderr.flush()
+
+    def _stop_load(self) -> None:
+        if self.workloads is not None:
+            self.workloads.stop(timeout=10)
+        if self.nemesis is not None:
+            self.nemesis.stop()
+
+    def _settle(self, timeout: float = 30.0) -> None:
+        """Until the governors have decided every plan (or the timeout: that is evidence too)."""
+        assert self.keys is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                r = self.admin()
+                g = next((g for g in r.xinfo_groups(self.keys.plans)
+                          if g["name"] == GROUP_GOVERNOR), None)
+                last = r.xinfo_stream(self.keys.plans)["last-generated-id"]
+                if g and g["pending"] == 0 and g["last-delivered-id"] == last:
+                    return
+            except redis.RedisError:
+                pass
+            time.sleep(0.1)
+        log.warning("plans not all decided %.0fs after the load stopped", timeout)
+
+    def teardown(self, result: RunResult) -> None:
+        steps: list[tuple[str, Callable[[], Any]]] = []
+        if self.workloads is not None:
+            steps.append(("workloads", lambda: self.workloads.stop(timeout=10)))
+        if self.nemesis is not None:
+            steps.append(("nemesis", lambda: (self.nemesis.stop(), self.nemesis.heal_all())))
+        if self.recorder is not None:
+            steps.append(("recorder", self._final_record))
+        if self.supervisor is not None:
+            steps.append(("governors", self.supervisor.stop))
+        if self.apply is not None:
+            steps.append(("apply", lambda: self.apply.stop(timeout=10)))
+        if self.proxy is not None:
+            steps.append(("proxy", self.proxy.stop))
+        steps.append(("stats", lambda: result.stats.update(self._stats())))
+        if self.exchange is not None:
+            steps.append(("exchange", self.exchange.close))
+        if self.provider is not None:
+            steps.append(("redis log", self._copy_redis_log))
+            steps.append(("redis", self.provider.stop))
+        for name, step in steps:
+            try:
+                step()
+            except Exception:  # noqa: BLE001 - teardown goes on whatever one step does
+                log.exception("teardown: %s failed", name)
+        for w in self.writers:
+            w.close()
+        self.write_meta(status=result.status, ended_wall_ms=int(time.time() * 1000),
+                        probe=asdict(result.probe) if result.probe else None,
+                        stats=result.stats, error=result.error)
+        if self._log_handler is not None:
+            logging.getLogger().removeHandler(self._log_handler)
+            self._log_handler.close()
+
+    def _final_record(self) -> None:
+        assert self.recorder is not None
+        self.recorder.stop()
+        with contextlib.suppress(redis.RedisError):
+            self.recorder.drain(self.admin())
+
+    def _stats(self) -> dict[str, Any]:
+        s: dict[str, Any] = {}
+        if self.exchange is not None:
+            s["peak_open_positions"] = self.exchange.max_open_count()
+            s["double_opens"] = len(self.exchange.double_opens())
+            s["double_closes"] = len(self.exchange.double_closes())
+            s["orders"] = len(self.exchange.orders())
+        if self.recorder is not None:
+            s["decisions_recorded"] = self.recorder.counts.get(self.keys.events if self.keys
+                                                               else "", 0)
+        if self.supervisor is not None:
+            s["governor_status"] = {c: asdict(st) if hasattr(st, "__dataclass_fields__")
+                                    else str(st) for c, st in self.supervisor.status().items()}
+        if self.workloads is not None:
+            s["workload_exitcodes"] = self.workloads.exitcodes()
+        if self.nemesis is not None:
+            s["fault_windows"] = self.nemesis.windows()
+        return s
+
+    def _copy_redis_log(self) -> None:
+        src = getattr(self.provider, "log_path", None)
+        if src and Path(src).is_file():
+            (self.run_dir / "logs" / "redis.log").write_bytes(Path(src).read_bytes())
+
+
+def _host_port(provider: RedisProvider) -> tuple[str, int]:
+    addr = getattr(provider, "address", None)
+    if addr:
+        return addr
+    from urllib.parse import urlsplit
+
+    u = urlsplit(provider.url)
+    return u.hostname or "127.0.0.1", u.port or 6379
+
+
+def _redact(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    if u.password:
+        return url.replace(u.password, "***")
+    return url
+
+
+def run(opts: RunOptions) -> RunResult:
+    return Run(opts).execute()
+
