@@ -40,7 +40,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -230,6 +230,7 @@ class ApplyLayer:
         self.on_record = on_record
         self._rng = random.Random(self.config.seed)
         self._lock = threading.Lock()
+        self._knobs_lock = threading.Lock()
         self._inflight: dict[str, str] = {}  # plan_id -> decision entry id
         self._handled: OrderedDict[str, None] = OrderedDict()
         self._abandon = threading.Event()
@@ -239,6 +240,58 @@ class ApplyLayer:
         self._pool: ThreadPoolExecutor | None = None
         self._timers = _Timers()
         self.started = threading.Event()
+
+    # -- runtime knobs (the nemesis turns them during fault windows) ----------------------------
+    KNOBS = (
+        "open_latency_ms",
+        "open_jitter_ms",
+        "close_latency_ms",
+        "close_jitter_ms",
+        "duplicate_result_prob",
+        "late_duplicate_ms",
+    )
+
+    def knobs(self) -> dict[str, float]:
+        """The current values of the runtime knobs (:attr:`KNOBS`)."""
+        cfg = self.config
+        return {name: getattr(cfg, name) for name in self.KNOBS}
+
+    def set_knobs(
+        self,
+        *,
+        open_latency_ms: float | None = None,
+        open_jitter_ms: float | None = None,
+        close_latency_ms: float | None = None,
+        close_jitter_ms: float | None = None,
+        duplicate_result_prob: float | None = None,
+        late_duplicate_ms: float | None = None,
+    ) -> dict[str, float]:
+        """Change order latency and result duplication while running; thread-safe.
+
+        Returns the previous values of the knobs given (not None), so that
+        ``layer.set_knobs(**previous)`` restores them. Values are validated like
+        :class:`ApplyConfig`'s (``ValueError``, nothing changed). The config is replaced as a
+        whole, and every order reads it once when its permit is taken (its latency and
+        whether its result is duplicated); the lateness of a duplicate is read when the
+        result is written.
+        """
+        given = {
+            "open_latency_ms": open_latency_ms,
+            "open_jitter_ms": open_jitter_ms,
+            "close_latency_ms": close_latency_ms,
+            "close_jitter_ms": close_jitter_ms,
+            "duplicate_result_prob": duplicate_result_prob,
+            "late_duplicate_ms": late_duplicate_ms,
+        }
+        changes: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+        if "late_duplicate_ms" in changes:
+            changes["late_duplicate_ms"] = int(changes["late_duplicate_ms"])
+        with self._knobs_lock:
+            old = self.config
+            self.config = replace(old, **changes)  # __post_init__ validates
+        previous = {name: getattr(old, name) for name in changes}
+        log.info("apply %s: knobs %s (were %s)", old.consumer, changes, previous)
+        return previous
 
     # -- lifecycle ------------------------------------------------------------------------
     def start_thread(self) -> threading.Thread:
@@ -383,8 +436,9 @@ class ApplyLayer:
             ApplyEvent.PERMIT_TAKEN, plan_id=plan_id, entry_id=entry_id, permit=asdict(permit)
         )
         # Drawn here, in the reader thread, so a seed gives the same run every time.
-        delay = self.config.latency_s(order.action, self._rng)
-        duplicate = self._rng.random() < self.config.duplicate_result_prob
+        cfg = self.config  # one snapshot: set_knobs may replace it at any time
+        delay = cfg.latency_s(order.action, self._rng)
+        duplicate = self._rng.random() < cfg.duplicate_result_prob
         with self._lock:
             self._inflight[plan_id] = entry_id
         self._timers.call_later(

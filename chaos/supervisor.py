@@ -219,6 +219,7 @@ class _Instance:
     spawn_error: GovernorStartError | None = None
     crash_loop_reported: bool = False
     log_offset: int | None = None  # where this supervisor's lines start in a reused log
+    extra_env: dict[str, str] | None = None  # per-instance overrides (set_instance_env)
 
 
 # --------------------------------------------------------------------------- process helpers
@@ -415,6 +416,21 @@ class Supervisor:
 
     def log_path(self, consumer: str) -> Path:
         return self._get(consumer).log_path
+
+    def instance_env(self, consumer: str) -> dict[str, str]:
+        """The extra environment set with :meth:`set_instance_env` (a copy; empty if none)."""
+        with self._lock:
+            return dict(self._get(consumer).extra_env or {})
+
+    def set_instance_env(self, consumer: str, env: Mapping[str, str] | None) -> None:
+        """Extra environment for one instance, used from its *next* start on (the running
+        process keeps its environment; :meth:`restart` it to apply). ``None`` or ``{}``
+        removes the overrides. They go over the spec's ``env`` but never over
+        ``REDIS_URL``, ``GOVERNOR_PREFIX`` and ``GOVERNOR_CONSUMER``. The nemesis uses it to
+        run an instance under libfaketime."""
+        with self._lock:
+            inst = self._get(consumer)
+            inst.extra_env = {str(k): str(v) for k, v in env.items()} if env else None
 
     def pids(self) -> dict[str, int]:
         """consumer -> pid of every instance whose process is alive (paused ones included)."""
@@ -706,6 +722,9 @@ class Supervisor:
     def _env(self, consumer: str) -> dict[str, str]:
         env = dict(os.environ)
         env.update({k: str(v) for k, v in self.spec.env.items()})
+        extra = self._instances[consumer].extra_env if consumer in self._instances else None
+        if extra:
+            env.update(extra)
         env.setdefault("PYTHONUNBUFFERED", "1")  # a Python governor's last words reach the log
         env.update(REDIS_URL=self.redis_url, GOVERNOR_PREFIX=self.prefix,
                    GOVERNOR_CONSUMER=consumer)
