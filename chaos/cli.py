@@ -45,6 +45,19 @@ def _parser() -> argparse.ArgumentParser:
                      help="cap on the wait for TTLs to lapse before the probe (s)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.add_parser("scenarios", help="list the built-in scenarios")
+    chk = sub.add_parser("check", help="re-check a stored run directory")
+    chk.add_argument("run_dir", type=Path)
+    suite = sub.add_parser("suite", help="every pass/fail scenario; exit 0 only if all valid")
+    gs = suite.add_mutually_exclusive_group()
+    gs.add_argument("--governor", default="reference", choices=["reference", "seed", "legacy"])
+    gs.add_argument("--governor-cmd", metavar="CMD")
+    suite.add_argument("--quick", action="store_true", help="short scenarios (a few minutes)")
+    suite.add_argument("--seeds", type=int, default=1, help="seeds per scenario")
+    suite.add_argument("--scenario", action="append", dest="scenarios",
+                       help="only these scenarios (repeatable)")
+    suite.add_argument("--redis", choices=["embedded", "docker", "url"], default=None)
+    suite.add_argument("--redis-url")
+    suite.add_argument("--out", type=Path, help="suite directory")
     demo = sub.add_parser("demo", help="a short demo load on an embedded Redis")
     demo.add_argument("--seconds", type=float, default=10.0)
     demo.add_argument("--governors", type=int, default=3)
@@ -63,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
             return _scenarios()
         if args.command == "run":
             return _run(args)
+        if args.command == "check":
+            return _check(args.run_dir)
+        if args.command == "suite":
+            return _suite(args)
         if args.command == "demo":
             if args.seconds <= 0 or args.governors < 1:
                 print("chaos demo: --seconds must be > 0 and --governors >= 1", file=sys.stderr)
@@ -124,8 +141,11 @@ def _run(args: argparse.Namespace) -> int:
                  "decisions_recorded"):
             print(f"  {k:<22} {v}")
     if res.probe is not None:
-        print(f"  liveness probe         {'ok' if res.probe.ok else 'FAILED'} "
-              f"(closes {res.probe.closes}, opens {res.probe.opens})")
+        p = res.probe
+        ok_c = sum(v == "PERMIT" for v in p.closes.values())
+        ok_o = sum(v == "PERMIT" for v in p.opens.values())
+        print(f"  liveness probe         {'ok' if p.ok else 'FAILED'}: {ok_c}/{len(p.closes)} "
+              f"closes and {ok_o}/{len(p.opens)} opens permitted")
     from chaos.checkers import check_run
 
     verdict = check_run(res.run_dir)
@@ -177,8 +197,11 @@ def _run(args: argparse.Namespace) -> int:
                  "decisions_recorded"):
             print(f"  {k:<22} {v}")
     if res.probe is not None:
-        print(f"  liveness probe         {'ok' if res.probe.ok else 'FAILED'} "
-              f"(closes {res.probe.closes}, opens {res.probe.opens})")
+        p = res.probe
+        ok_c = sum(v == "PERMIT" for v in p.closes.values())
+        ok_o = sum(v == "PERMIT" for v in p.opens.values())
+        print(f"  liveness probe         {'ok' if p.ok else 'FAILED'}: {ok_c}/{len(p.closes)} "
+              f"closes and {ok_o}/{len(p.opens)} opens permitted")
     from chaos.checkers import check_run
 
     verdict = check_run(res.run_dir)
@@ -186,3 +209,47 @@ def _run(args: argparse.Namespace) -> int:
     if res.status == "interrupted":
         return EXIT_UNKNOWN
     return verdict.exit_code
+
+
+def _check(run_dir: Path) -> int:
+    from chaos.checkers import check_run
+    from chaos.history import history_files
+
+    if not run_dir.is_dir() or not history_files(run_dir):
+        print(f"chaos check: {run_dir} is not a run directory (no history/*.jsonl)",
+              file=sys.stderr)
+        return EXIT_BAD_ARGS
+    verdict = check_run(run_dir)
+    print(verdict.summary())
+    print(f"written {run_dir / 'results.json'}")
+    return verdict.exit_code
+
+
+def _suite(args: argparse.Namespace) -> int:
+    import time
+
+    from chaos import scenario as scn
+    from chaos.runner import HarnessError
+    from chaos.suite import HEADER, run_suite
+
+    if args.seeds < 1:
+        print("chaos suite: --seeds must be >= 1", file=sys.stderr)
+        return EXIT_BAD_ARGS
+    out = args.out or Path("reports") / "suites" / time.strftime("%Y%m%dT%H%M%S")
+    try:
+        for name in args.scenarios or []:
+            scn.load(name)
+    except scn.ScenarioError as exc:
+        print(f"chaos suite: {exc}", file=sys.stderr)
+        return EXIT_BAD_ARGS
+    print(HEADER)
+    try:
+        valid, _ = run_suite(out, governor=args.governor, governor_cmd=args.governor_cmd,
+                             quick=args.quick, seeds=args.seeds, names=args.scenarios,
+                             redis_kind=args.redis, redis_url=args.redis_url)
+    except HarnessError as exc:
+        print(f"chaos suite: {exc}", file=sys.stderr)
+        return EXIT_HARNESS
+    word = {True: "VALID", False: "INVALID", None: "UNKNOWN"}[valid]
+    print(f"\nsuite verdict: {word}; summary in {out}/summary.md")
+    return EXIT_VALID if valid is True else (EXIT_INVALID if valid is False else EXIT_UNKNOWN)

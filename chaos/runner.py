@@ -277,7 +277,9 @@ class Run:
             config=self.sc.governor_config().to_hash(),
             ledger_path=str(self.run_dir / "ledger.sqlite"), capital=self.sc.market.capital)
         if self.sc.workloads:
-            self.workloads = start_workloads(list(self.sc.workloads), ctx)
+            # Children log to stderr: warnings only (their counts go to workloads/*.json).
+            self.workloads = start_workloads(list(self.sc.workloads), ctx,
+                                             log_level=logging.WARNING)
         if self.sc.faults:
             nctx = NemesisContext(
                 supervisor=self.supervisor, redis=self.provider, proxy=self.proxy,
@@ -349,7 +351,7 @@ class Run:
         except redis.RedisError:
             plans = decisions = -1
         open_now = self.exchange.open_count() if self.exchange else 0
-        faults = ",".join(sorted({a for a in (self.nemesis.active() if self.nemesis else [])}))
+        faults = ",".join(sorted({a.kind for a in (self.nemesis.active() if self.nemesis else [])}))
         width = 24
         done = int(width * min(1.0, elapsed / total))
         line = (f"\r{self.sc.name:<18} [{'#' * done}{'.' * (width - done)}] "
