@@ -34,7 +34,12 @@ def _id_tuple(entry_id: str) -> tuple[int, int]:
 
 
 class StreamRecorder:
-    """Tails the plan, decision and result streams into the history."""
+    """Tails the plan, decision and result streams into the history.
+
+    ``client_factory`` must return a client with ``decode_responses=False``:
+    plans may carry bytes that are not UTF-8 (bad input is a scenario), and a
+    decoding client would fail on them; fields are decoded here, leniently.
+    """
 
     def __init__(self, client_factory: Callable[[], redis.Redis], keys: Keys,
                  history: HistoryWriter, block_ms: int = 200) -> None:
@@ -70,6 +75,10 @@ class StreamRecorder:
             except (redis.ConnectionError, redis.TimeoutError, OSError,
                     redis.ResponseError) as exc:
                 log.debug("recorder: %s; retrying", exc)
+                self._r = None
+                backoff.fail(self._stop)
+            except Exception:  # noqa: BLE001 - a dead recorder would make evidence vanish
+                log.exception("recorder: unexpected error; retrying")
                 self._r = None
                 backoff.fail(self._stop)
 

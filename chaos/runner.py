@@ -133,6 +133,11 @@ class Run:
         assert self.provider is not None
         return self.provider.client(decode_responses=True)
 
+    def raw_admin(self) -> redis.Redis:
+        """Like :meth:`admin` but bytes in and out (streams may hold non-UTF-8 input)."""
+        assert self.provider is not None
+        return self.provider.client(decode_responses=False)
+
     def governor_url(self) -> str:
         assert self.provider is not None
         if self.proxy is not None:
@@ -249,7 +254,7 @@ class Run:
             seed=self.sc.seed, capital=self.sc.market.capital,
         ), on_record=apply_hook(self.writer("apply")))
         self.apply.start_thread()
-        self.recorder = StreamRecorder(self.admin, self.keys, self.writer("recorder")).start()
+        self.recorder = StreamRecorder(self.raw_admin, self.keys, self.writer("recorder")).start()
 
     def start_governors(self) -> None:
         assert self.keys is not None
@@ -421,7 +426,7 @@ class Run:
         assert self.recorder is not None
         self.recorder.stop()
         with contextlib.suppress(redis.RedisError):
-            self.recorder.drain(self.admin())
+            self.recorder.drain(self.raw_admin())
 
     def _stats(self) -> dict[str, Any]:
         s: dict[str, Any] = {}
