@@ -37,7 +37,7 @@ class Verdict:
 
     def to_dict(self) -> dict[str, Any]:
         first = self.violations[0].wall_ms if self.violations else None
-        start = self.stats.get("first_ms")
+        start = self.stats.get("workload_start_ms") or self.stats.get("first_ms")
         return {
             "valid": "unknown" if self.valid is None else self.valid,
             "invariants": {n: r.to_dict() for n, r in self.results.items()},
@@ -73,6 +73,7 @@ def check_run(run_dir: str | Path, write: bool = True) -> Verdict:
         valid = None  # an interrupted run cannot be declared valid
     verdict = Verdict(run_dir, valid, results, {
         "ops": facts.ops, "orders": len(facts.orders), "first_ms": facts.first_ms,
+        "workload_start_ms": facts.phases.get("workload", {}).get("invoke"),
         "last_ms": facts.last_ms, "check_seconds": round(time.perf_counter() - t0, 3),
         "run_status": status, "faults": [
             {"kind": w.kind, "start_ms": w.start_ms, "stop_ms": w.stop_ms, "ok": w.ok,
