@@ -417,7 +417,7 @@ class Exchange:
             row = conn.execute(f"SELECT {_ORDER_COLS} FROM orders WHERE seq = ?", (seq,)).fetchone()
         fill = OrderRecord(*row)
         if effect in (Effect.ADD, Effect.FLIP):
-            log.warning(
+            log.info(  # the ledger records every one; a design under audit makes thousands
                 "exchange: %s on %s by %s (%s)", effect, order.symbol, order.plan_id, position_id
             )
         return fill
