@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("scenarios", help="list the built-in scenarios")
     chk = sub.add_parser("check", help="re-check a stored run directory")
     chk.add_argument("run_dir", type=Path)
+    rep = sub.add_parser("report", help="write report.md, report.html and plots for a run")
+    rep.add_argument("run_dir", type=Path)
     suite = sub.add_parser("suite", help="every pass/fail scenario; exit 0 only if all valid")
     gs = suite.add_mutually_exclusive_group()
     gs.add_argument("--governor", default="reference", choices=["reference", "seed", "legacy"])
@@ -78,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.command == "check":
             return _check(args.run_dir)
+        if args.command == "report":
+            return _report(args.run_dir)
         if args.command == "suite":
             return _suite(args)
         if args.command == "demo":
@@ -120,7 +124,8 @@ def _run(args: argparse.Namespace) -> int:
             raise scn.ScenarioError("--redis url needs --redis-url URL")
         opts = RunOptions(scenario=sc, governor=args.governor, governor_cmd=args.governor_cmd,
                           redis_kind=args.redis, redis_url=args.redis_url, out=args.out,
-                          progress=not args.quiet, probe=not args.no_probe,
+                          progress=not args.quiet and sys.stderr.isatty(),
+                          probe=not args.no_probe,
                           probe_max_wait_s=args.probe_max_wait)
         opts.governor_spec()
     except scn.ScenarioError as exc:
@@ -176,7 +181,8 @@ def _run(args: argparse.Namespace) -> int:
             raise scn.ScenarioError("--redis url needs --redis-url URL")
         opts = RunOptions(scenario=sc, governor=args.governor, governor_cmd=args.governor_cmd,
                           redis_kind=args.redis, redis_url=args.redis_url, out=args.out,
-                          progress=not args.quiet, probe=not args.no_probe,
+                          progress=not args.quiet and sys.stderr.isatty(),
+                          probe=not args.no_probe,
                           probe_max_wait_s=args.probe_max_wait)
         opts.governor_spec()
     except scn.ScenarioError as exc:
@@ -253,3 +259,19 @@ def _suite(args: argparse.Namespace) -> int:
     word = {True: "VALID", False: "INVALID", None: "UNKNOWN"}[valid]
     print(f"\nsuite verdict: {word}; summary in {out}/summary.md")
     return EXIT_VALID if valid is True else (EXIT_INVALID if valid is False else EXIT_UNKNOWN)
+
+
+def _report(run_dir: Path) -> int:
+    from chaos.checkers import check_run
+    from chaos.history import history_files
+    from chaos.report import write_report
+
+    if not run_dir.is_dir() or not history_files(run_dir):
+        print(f"chaos report: {run_dir} is not a run directory (no history/*.jsonl)",
+              file=sys.stderr)
+        return EXIT_BAD_ARGS
+    verdict = check_run(run_dir)
+    paths = write_report(run_dir, verdict)
+    print(verdict.summary())
+    print(f"written {paths.md}\nwritten {paths.html}")
+    return verdict.exit_code

@@ -72,7 +72,7 @@ def run_suite(out_dir: Path, *, governor: str = "reference", governor_cmd: str |
             oc = ScenarioOutcome(s.name, s.seed, run_dir, None)
             try:
                 res = run(RunOptions(scenario=s, governor=governor, governor_cmd=governor_cmd,
-                                     out=run_dir, progress=progress, redis_kind=redis_kind,
+                                     out=run_dir, progress=False, redis_kind=redis_kind,
                                      redis_url=redis_url,
                                      probe_max_wait_s=30.0 if quick else 120.0))
                 v: Verdict = check_run(res.run_dir)
