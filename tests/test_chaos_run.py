@@ -165,3 +165,13 @@ def test_chaos_check_recomputes_the_stored_verdict(tmp_path: Path) -> None:
 @pytest.mark.parametrize("bad", [["check", "/nonexistent"], ["suite", "--seeds", "0"]])
 def test_check_and_suite_reject_bad_arguments(bad: list[str]) -> None:
     assert chaos(*bad).returncode == 254
+
+
+def test_model_checker_agrees_with_the_invariant_checkers(tmp_path: Path) -> None:
+    for governor, expect in (("reference", True), ("legacy", False)):
+        out = tmp_path / governor
+        chaos("run", "--scenario", str(scenario(tmp_path, governor)), "--governor", governor,
+              "--out", str(out), "--quiet")
+        results = json.loads((out / "results.json").read_text())
+        assert results["models"]["slots_model"]["valid"] is expect
+        assert results["models_agree"] is True

@@ -25,6 +25,19 @@ class Verdict:
     valid: bool | None
     results: dict[str, CheckResult] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
+    # The linearizability check against a sequential model (slots, exit locks): a
+    # second opinion; it must agree with the invariant checkers (see ``agreement``).
+    models: dict[str, CheckResult] = field(default_factory=dict)
+
+    @property
+    def agreement(self) -> bool | None:
+        """Whether the models agree with the slots / single_close invariant checkers."""
+        pairs = [("slots_model", "slots"), ("exit_lock_model", "single_close")]
+        verdicts = [(self.models[m].valid, self.results[i].valid) for m, i in pairs
+                    if m in self.models and i in self.results]
+        if not verdicts or any(m is None for m, _ in verdicts):
+            return None
+        return all(m == i for m, i in verdicts)
 
     @property
     def exit_code(self) -> int:
@@ -43,6 +56,8 @@ class Verdict:
             "invariants": {n: r.to_dict() for n, r in self.results.items()},
             "violations": [v.to_dict() for v in self.violations],
             "time_to_first_violation_s": (first - start) / 1000 if first and start else None,
+            "models": {n: r.to_dict() for n, r in self.models.items()},
+            "models_agree": self.agreement,
             "stats": self.stats,
         }
 
@@ -61,7 +76,8 @@ class Verdict:
         return "\n".join(lines)
 
 
-def check_run(run_dir: str | Path, write: bool = True) -> Verdict:
+def check_run(run_dir: str | Path, write: bool = True, models: bool = True,
+              model_timeout_s: float = 10.0) -> Verdict:
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
     facts = gather(run_dir)
@@ -79,6 +95,14 @@ def check_run(run_dir: str | Path, write: bool = True) -> Verdict:
             {"kind": w.kind, "start_ms": w.start_ms, "stop_ms": w.stop_ms, "ok": w.ok,
              "target": w.target} for w in facts.faults],
     })
+    if models:
+        from chaos.checkers.model import check_model
+
+        try:
+            verdict.models = check_model(facts, timeout_s=model_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - a second opinion must not sink the first
+            verdict.models = {"model": CheckResult("model", None, note=f"model check failed: "
+                                                   f"{type(exc).__name__}: {exc}")}
     if write:
         tmp = run_dir / "results.json.tmp"
         tmp.write_text(json.dumps(verdict.to_dict(), indent=2, default=str))

@@ -1,0 +1,228 @@
+"""The linearizability checker (chaos/checkers/model.py) on hand-written histories and,
+when they exist on this machine, on real run directories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from chaos.checkers.model import (
+    UNKNOWN,
+    ExitLockModel,
+    Model,
+    Operation,
+    SlotsModel,
+    check,
+    check_model,
+)
+
+CAP = {"BASE": 2, "CHOP": 1}
+
+
+def slots(initial: int = 0, regime: str = "BASE") -> SlotsModel:
+    return SlotsModel(CAP, initial, regime)
+
+
+def acq(c: str, t0: float, t1: float, sym: str = "A") -> Operation:
+    return Operation(c, ("acquire", sym), t0, "PERMIT", t1)
+
+
+def full(c: str, t0: float, t1: float) -> Operation:
+    return Operation(c, ("full", "X"), t0, "BLOCK", t1)
+
+
+def rel(c: str, t0: float, sym: str = "A") -> Operation:
+    return Operation(c, ("release", sym), t0, "ok")
+
+
+def test_sequential_valid() -> None:
+    ops = [acq("a", 0, 1), acq("b", 2, 3), full("c", 4, 5), rel("a", 6), acq("d", 7, 8)]
+    r = check(slots(), ops)
+    assert r.valid is True and r.ops_checked == 5
+
+
+def test_acquire_beyond_capacity_invalid() -> None:
+    ops = [acq("a", 0, 1), acq("b", 2, 3), acq("c", 4, 5)]
+    r = check(slots(), ops)
+    assert r.valid is False
+    assert r.partition_failed == 0
+    assert "c:" in r.explanation and "2 slots in use of 2" in r.explanation
+
+
+def test_release_cannot_take_effect_before_its_event() -> None:
+    ops = [acq("a", 0, 1), acq("b", 2, 3), acq("c", 4, 5), rel("a", 6)]
+    assert check(slots(), ops).valid is False
+
+
+def test_concurrent_only_one_order_works() -> None:
+    # Capacity 2, one slot in use. A full block and an acquire overlap: only
+    # "acquire, then full" linearizes (full needs 2 in use, the acquire needs < 2).
+    ops = [acq("a", 0, 10), full("f", 1, 9)]
+    assert check(slots(initial=1), ops).valid is True
+    # Same ops, but the full block returns before the acquire is called: no order works.
+    ops = [full("f", 0, 1), acq("a", 2, 3)]
+    assert check(slots(initial=1), ops).valid is False
+
+
+def test_regime_flip_in_flight_and_unknown() -> None:
+    # Regime CHOP (1 slot) in force; a flip to BASE overlaps the second acquire.
+    ops = [acq("a", 0, 1), Operation("r", ("regime", "BASE"), 2, "ok", 6), acq("b", 3, 5)]
+    assert check(slots(regime="CHOP"), ops).valid is True
+    # The flip's outcome is unknown: it may have applied, so still valid.
+    ops = [acq("a", 0, 1), Operation("r", ("regime", "BASE"), 2, UNKNOWN), acq("b", 3, 5)]
+    assert check(slots(regime="CHOP"), ops).valid is True
+    # Without any flip: invalid.
+    assert check(slots(regime="CHOP"), [acq("a", 0, 1), acq("b", 3, 5)]).valid is False
+
+
+def test_unknown_acquire_left_out_valid() -> None:
+    # The unknown acquire u, if applied, fills the last slot and b would fail: leave it out.
+    ops = [acq("a", 0, 1), Operation("u", ("acquire", "U"), 2, UNKNOWN), acq("b", 3, 4)]
+    assert check(slots(), ops).valid is True
+
+
+def test_unknown_acquire_needed_valid() -> None:
+    # The full block is only justified if the unknown acquire took effect.
+    ops = [acq("a", 0, 1), Operation("u", ("acquire", "U"), 2, UNKNOWN), full("f", 3, 4)]
+    assert check(slots(), ops).valid is True
+
+
+def test_unknown_acquire_invalid_either_way() -> None:
+    # f needs u applied (2 in use); b after it needs u not applied: no reading works.
+    ops = [acq("a", 0, 1), Operation("u", ("acquire", "U"), 2, UNKNOWN), full("f", 3, 4),
+           acq("b", 5, 6)]
+    r = check(slots(), ops)
+    assert r.valid is False
+
+
+def lock(c: str, t0: float, t1: float, sym: str = "S") -> Operation:
+    return Operation(c, ("lock", sym), t0, "PERMIT", t1)
+
+
+def unlock(c: str, t0: float, sym: str = "S", effect: str = "none") -> Operation:
+    return Operation(c, ("unlock", sym, effect), t0, "ok")
+
+
+def opened(c: str, t: float, sym: str = "S") -> Operation:
+    return Operation(c, ("opened", sym), t, "ok", t + 1)
+
+
+def test_two_overlapping_locks_invalid() -> None:
+    ops = [opened("o", 0), lock("c1", 2, 4), lock("c2", 3, 5), unlock("c1", 10),
+           unlock("c2", 11)]
+    r = check(ExitLockModel(), ops)
+    assert r.valid is False
+    assert "exit lock held" in r.explanation
+
+
+def test_lock_unlock_lock_valid() -> None:
+    ops = [opened("o", 0), lock("c1", 2, 3), Operation("b", ("busy", "S"), 4, "BLOCK", 5),
+           unlock("c1", 6), lock("c2", 7, 8)]
+    assert check(ExitLockModel(), ops).valid is True
+
+
+def test_close_then_lock_on_flat_invalid() -> None:
+    ops = [opened("o", 0), lock("c1", 2, 3), unlock("c1", 4, effect="close"),
+           lock("c2", 7, 8)]
+    assert check(ExitLockModel(), ops).valid is False
+
+
+def test_busy_without_lock_invalid() -> None:
+    ops = [opened("o", 0), Operation("b", ("busy", "S"), 4, "BLOCK", 5)]
+    assert check(ExitLockModel(), ops).valid is False
+
+
+def test_partition_per_symbol() -> None:
+    ops = []
+    for sym in ("A", "B"):
+        ops += [opened(f"o{sym}", 0, sym), lock(f"c1{sym}", 2, 3, sym),
+                unlock(f"c1{sym}", 4, sym), lock(f"c2{sym}", 5, 6, sym)]
+    m = ExitLockModel()
+    parts = m.partition(ops)
+    assert parts is not None and len(parts) == 2
+    assert check(m, ops).valid is True
+    # Breaking only B names B's partition.
+    ops.append(lock("c3B", 7, 8, "B"))
+    r = check(m, ops)
+    assert r.valid is False and r.partition_failed == 1
+    assert all(op.input[1] == "B" for op in r.failed_ops)
+
+
+class Counter(Model):
+    """A counter with increments and reads; for a history that explodes the search."""
+
+    def init(self) -> int:
+        return 0
+
+    def step(self, state, input, output):  # noqa: A002
+        if input[0] == "inc":
+            return True, state + input[1]
+        return state == output, state
+
+
+def test_timeout_gives_unknown() -> None:
+    # 40 concurrent increments of distinct powers of two, then a read of an impossible sum:
+    # every subset is a distinct state, so the search cannot finish in time.
+    n = 40
+    ops = [Operation(f"i{k}", ("inc", 1 << k), 0, "ok", 100) for k in range(n)]
+    ops.append(Operation("r", ("read",), 0, -1, 100))
+    r = check(Counter(), ops, timeout_s=0.2)
+    assert r.valid is None
+    assert "timed out" in r.explanation
+
+
+def test_empty_history_valid() -> None:
+    assert check(slots(), []).valid is True
+
+
+# -- agreement with the invariant checkers on real runs -----------------------------------------
+REF_RUNS = sorted(p for p in Path("/tmp").glob("ref-*") if (p / "history").is_dir())
+LEGACY = Path("/tmp/sw/legacy-os-1")
+
+
+@pytest.mark.skipif(not REF_RUNS, reason="no reference runs under /tmp/ref-*")
+@pytest.mark.parametrize("run_dir", REF_RUNS, ids=lambda p: p.name)
+def test_reference_runs_never_invalid(run_dir: Path) -> None:
+    from chaos.checkers.facts import gather
+
+    results = check_model(gather(run_dir), timeout_s=20)
+    for name, r in results.items():
+        assert r.valid is not False, f"{name}: {r.violations[0].message}"
+
+
+@pytest.mark.skipif(not (LEGACY / "history").is_dir(), reason="no /tmp/sw/legacy-os-1 run")
+def test_legacy_open_storm_slots_invalid() -> None:
+    from chaos.checkers.facts import gather
+    from chaos.checkers.invariants import check_slots
+
+    facts = gather(LEGACY)
+    assert check_slots(facts).valid is False
+    r = check_model(facts, timeout_s=20)["slots_model"]
+    assert r.valid is False
+    assert r.violations and "slots in use" in r.violations[0].message
+
+
+def test_unknown_lock_may_have_been_a_block() -> None:
+    # An unknown-outcome CLOSE decision overlapping a held lock: either it blocked or it
+    # never happened; valid. A known PERMIT there is invalid.
+    base = [opened("o", 0), lock("c1", 2, 3), unlock("c1", 20)]
+    assert check(ExitLockModel(), [*base, Operation("c2", ("lock", "S"), 4, UNKNOWN)]).valid
+    assert check(ExitLockModel(), [*base, lock("c2", 4, 5)]).valid is False
+
+
+def test_check_model_on_synthetic_run(tmp_path: Path) -> None:
+    import importlib.util
+
+    from chaos.checkers.facts import gather
+
+    path = Path(__file__).resolve().parents[1] / "loadtests" / "bench_checkers.py"
+    spec = importlib.util.spec_from_file_location("bench_checkers", path)
+    assert spec and spec.loader
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.make_run(tmp_path / "run", 2000)
+    results = check_model(gather(tmp_path / "run"), timeout_s=20)
+    assert {k: r.valid for k, r in results.items()} == {"slots_model": True,
+                                                        "exit_lock_model": True}
+    assert results["slots_model"].stats["ops"] > 0
