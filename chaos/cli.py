@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--probe-max-wait", type=float, default=120.0,
                      help="cap on the wait for TTLs to lapse before the probe (s)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--no-report", action="store_true",
+                     help="skip report.md / report.html / plots (results.json is always written)")
     sub.add_parser("scenarios", help="list the built-in scenarios")
     chk = sub.add_parser("check", help="re-check a stored run directory")
     chk.add_argument("run_dir", type=Path)
@@ -155,6 +157,11 @@ def _run(args: argparse.Namespace) -> int:
 
     verdict = check_run(res.run_dir)
     print(verdict.summary())
+    if not args.no_report:
+        from chaos.report import write_report
+
+        paths = write_report(res.run_dir, verdict)
+        print(f"report: {paths.html}")
     if res.status == "interrupted":
         return EXIT_UNKNOWN
     return verdict.exit_code
@@ -212,6 +219,11 @@ def _run(args: argparse.Namespace) -> int:
 
     verdict = check_run(res.run_dir)
     print(verdict.summary())
+    if not args.no_report:
+        from chaos.report import write_report
+
+        paths = write_report(res.run_dir, verdict)
+        print(f"report: {paths.html}")
     if res.status == "interrupted":
         return EXIT_UNKNOWN
     return verdict.exit_code

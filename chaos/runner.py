@@ -367,6 +367,10 @@ class Run:
 
     def _stop_load(self) -> None:
         if self.workloads is not None:
+            # Each producer runs duration_s from its own start, and process start-up on a
+            # busy machine takes seconds: let them finish by themselves (bounded), so every
+            # producer sends for the whole duration, then stop any straggler.
+            self.workloads.join(timeout=15)
             self.workloads.stop(timeout=10)
         if self.nemesis is not None:
             self.nemesis.stop()

@@ -85,6 +85,10 @@ def run_suite(out_dir: Path, *, governor: str = "reference", governor_cmd: str |
                 if first and start:
                     oc.first_violation_s = round((first - start) / 1000, 2)
                 oc.messages = [x.message for x in v.violations[:3]]
+                if oc.valid is not True:  # reports where there is something to look at
+                    from chaos.report import write_report
+
+                    write_report(res.run_dir, v)
             except HarnessError as exc:
                 oc.error = str(exc)
                 raise
