@@ -167,68 +167,6 @@ def _run(args: argparse.Namespace) -> int:
     return verdict.exit_code
 
 
-def _scenarios() -> int:
-    from chaos import scenario as scn
-
-    for name in scn.builtin_names():
-        s = scn.load(name)
-        tag = "exposure" if s.exposure else "pass/fail"
-        print(f"{name:<20} {tag:<9} {s.description}")
-    return EXIT_VALID
-
-
-def _run(args: argparse.Namespace) -> int:
-    from chaos import scenario as scn
-    from chaos.runner import HarnessError, RunOptions, run
-
-    try:
-        sc = scn.load(args.scenario).with_overrides(seed=args.seed, duration_s=args.duration,
-                                                    governors=args.governors)
-        if args.redis == "url" and not args.redis_url:
-            raise scn.ScenarioError("--redis url needs --redis-url URL")
-        opts = RunOptions(scenario=sc, governor=args.governor, governor_cmd=args.governor_cmd,
-                          redis_kind=args.redis, redis_url=args.redis_url, out=args.out,
-                          progress=not args.quiet and sys.stderr.isatty(),
-                          probe=not args.no_probe,
-                          probe_max_wait_s=args.probe_max_wait)
-        opts.governor_spec()
-    except scn.ScenarioError as exc:
-        print(f"chaos run: {exc}", file=sys.stderr)
-        return EXIT_BAD_ARGS
-    try:
-        res = run(opts)
-    except HarnessError as exc:
-        print(f"chaos run: {exc}", file=sys.stderr)
-        return EXIT_HARNESS
-    except scn.ScenarioError as exc:
-        print(f"chaos run: {exc}", file=sys.stderr)
-        return EXIT_BAD_ARGS
-    print(f"run directory: {res.run_dir}")
-    print(f"status: {res.status}")
-    for k, v in res.stats.items():
-        if k in ("peak_open_positions", "double_opens", "double_closes", "orders",
-                 "decisions_recorded"):
-            print(f"  {k:<22} {v}")
-    if res.probe is not None:
-        p = res.probe
-        ok_c = sum(v == "PERMIT" for v in p.closes.values())
-        ok_o = sum(v == "PERMIT" for v in p.opens.values())
-        print(f"  liveness probe         {'ok' if p.ok else 'FAILED'}: {ok_c}/{len(p.closes)} "
-              f"closes and {ok_o}/{len(p.opens)} opens permitted")
-    from chaos.checkers import check_run
-
-    verdict = check_run(res.run_dir)
-    print(verdict.summary())
-    if not args.no_report:
-        from chaos.report import write_report
-
-        paths = write_report(res.run_dir, verdict)
-        print(f"report: {paths.html}")
-    if res.status == "interrupted":
-        return EXIT_UNKNOWN
-    return verdict.exit_code
-
-
 def _check(run_dir: Path) -> int:
     from chaos.checkers import check_run
     from chaos.history import history_files
