@@ -191,3 +191,37 @@ class Desk:
         permit = self.execute(d["plan_id"], pnl_pct=pnl_pct)
         self.settled()
         return f"pos-{permit['plan_id']}"
+
+
+# A short scenario for end-to-end tests: TTLs shrunk so the liveness probe's wait for
+# every TTL to lapse stays short, and a fast exchange. ``extra`` adds [[workload]] and
+# [[fault]] tables.
+SMALL_SCENARIO = """
+name = "small-{name}"
+description = "a short test scenario"
+duration_s = {duration}
+governors = 2
+
+[config]
+permit_ttl_ms = 500
+exit_lock_ttl_ms = 400
+rotation_lock_ttl_ms = 500
+capital_reservation_ttl_ms = 2000
+max_total_notional = 100000
+
+[apply]
+open_latency_ms = 5
+open_jitter_ms = 10
+close_latency_ms = 5
+close_jitter_ms = 10
+
+[[workload]]
+kind = "open_storm"
+processes = 2
+rate = 200
+{extra}
+"""
+
+
+def small_scenario(name: str = "t", duration: float = 3, extra: str = "") -> str:
+    return SMALL_SCENARIO.format(name=name, duration=duration, extra=extra)

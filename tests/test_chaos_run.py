@@ -11,39 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
+from govtools import small_scenario
 
 from chaos.history import F, OpType, read_history
-
-SMALL = """
-name = "small-{name}"
-description = "a short test scenario"
-duration_s = {duration}
-governors = 2
-
-[config]
-permit_ttl_ms = 500
-exit_lock_ttl_ms = 400
-rotation_lock_ttl_ms = 500
-capital_reservation_ttl_ms = 2000
-max_total_notional = 100000
-
-[apply]
-open_latency_ms = 5
-open_jitter_ms = 10
-close_latency_ms = 5
-close_jitter_ms = 10
-
-[[workload]]
-kind = "open_storm"
-processes = 2
-rate = 200
-{extra}
-"""
 
 
 def scenario(tmp: Path, name: str = "t", duration: float = 3, extra: str = "") -> Path:
     p = tmp / f"{name}.toml"
-    p.write_text(SMALL.format(name=name, duration=duration, extra=extra))
+    p.write_text(small_scenario(name, duration, extra))
     return p
 
 

@@ -12,6 +12,8 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
+from govtools import small_scenario  # noqa: E402
+
 from chaos import scenario as scn  # noqa: E402
 from chaos.checkers import INVARIANTS, check_run  # noqa: E402
 from chaos.history import F, Op, OpType, write_history  # noqa: E402
@@ -21,30 +23,7 @@ from chaos.runner import RunOptions, run  # noqa: E402
 # A small legacy run with a governor kill and regime flips: violations, faults and regimes.
 # 5 s, not 3: workload processes are spawned, and on a busy machine their start eats the
 # first seconds of the workload phase.
-SMALL = """
-name = "small-report"
-description = "a short legacy run for the report"
-duration_s = 5
-governors = 2
-
-[config]
-permit_ttl_ms = 500
-exit_lock_ttl_ms = 400
-rotation_lock_ttl_ms = 500
-capital_reservation_ttl_ms = 2000
-max_total_notional = 100000
-
-[apply]
-open_latency_ms = 5
-open_jitter_ms = 10
-close_latency_ms = 5
-close_jitter_ms = 10
-
-[[workload]]
-kind = "open_storm"
-processes = 2
-rate = 200
-
+SMALL = small_scenario("report", 5, """
 [[workload]]
 kind = "regime_flip"
 processes = 1
@@ -53,7 +32,7 @@ period_s = 1.0
 [[fault]]
 kind = "kill_governor"
 at = 1.0
-"""
+""")
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
