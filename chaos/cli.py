@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     gs.add_argument("--governor-cmd", metavar="CMD")
     suite.add_argument("--quick", action="store_true", help="short scenarios (a few minutes)")
     suite.add_argument("--seeds", type=int, default=1, help="seeds per scenario")
+    suite.add_argument("--first-seed", type=int,
+                       help="seeds run from here (default: each scenario's own seed)")
     suite.add_argument("--scenario", action="append", dest="scenarios",
                        help="only these scenarios (repeatable)")
     suite.add_argument("--redis", choices=["embedded", "docker", "url"], default=None)
@@ -201,7 +203,8 @@ def _suite(args: argparse.Namespace) -> int:
     print(HEADER)
     try:
         valid, _ = run_suite(out, governor=args.governor, governor_cmd=args.governor_cmd,
-                             quick=args.quick, seeds=args.seeds, names=args.scenarios,
+                             quick=args.quick, seeds=args.seeds, first_seed=args.first_seed,
+                             names=args.scenarios,
                              redis_kind=args.redis, redis_url=args.redis_url)
     except HarnessError as exc:
         print(f"chaos suite: {exc}", file=sys.stderr)

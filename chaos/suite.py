@@ -57,17 +57,20 @@ def suite_scenarios(names: list[str] | None = None) -> list[scn.Scenario]:
 
 
 def run_suite(out_dir: Path, *, governor: str = "reference", governor_cmd: str | None = None,
-              quick: bool = False, seeds: int = 1, names: list[str] | None = None,
+              quick: bool = False, seeds: int = 1, first_seed: int | None = None,
+              names: list[str] | None = None,
               progress: bool = True, redis_kind: str | None = None,
               redis_url: str | None = None) -> tuple[bool | None, list[ScenarioOutcome]]:
     out_dir.mkdir(parents=True, exist_ok=True)
     outcomes: list[ScenarioOutcome] = []
     for sc in suite_scenarios(names):
         for k in range(seeds):
-            s = sc.with_overrides(seed=sc.seed + k,
+            base = sc.seed if first_seed is None else first_seed
+            s = sc.with_overrides(seed=base + k,
                                   duration_s=min(sc.duration_s, QUICK_DURATION_S) if quick
                                   else None)
-            run_dir = out_dir / (s.name if seeds == 1 else f"{s.name}-seed{s.seed}")
+            run_dir = out_dir / (s.name if seeds == 1 and first_seed is None
+                                 else f"{s.name}-seed{s.seed}")
             t0 = time.monotonic()
             oc = ScenarioOutcome(s.name, s.seed, run_dir, None)
             try:
