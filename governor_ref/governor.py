@@ -46,8 +46,10 @@ def is_transient(exc: BaseException) -> bool:
     if not isinstance(exc, ResponseError):
         return False
     msg = str(exc)
-    # Redis 6.2 wraps an error inside a script: "Error running script ... -OOM command ..."
-    return msg.startswith(TRANSIENT_PREFIXES) or any(f"-{p} " in msg for p in TRANSIENT_PREFIXES)
+    # Wrapped forms: 6.2 in a script "Error running script ... -OOM command ...", and a
+    # discarded MULTI "Transaction discarded because of: OOM command ...".
+    return msg.startswith(TRANSIENT_PREFIXES) or any(
+        f"-{p} " in msg or f"because of: {p} " in msg for p in TRANSIENT_PREFIXES)
 
 
 @dataclass(frozen=True)
