@@ -109,10 +109,34 @@ def test_slots_follow_the_regime_in_force(make_desk: MakeDesk) -> None:
     desk.r.set(desk.keys.regime, "CHOP")  # 3 slots
     assert desk.decide("OPEN", "S05USDT")["reason"] == "active_slots_waiting_rotation_close"
     desk.r.set(desk.keys.regime, "BASE")  # 4 slots
-    assert desk.decide("OPEN", "S05USDT")["decision"] == "PERMIT"
+    s05 = desk.decide("OPEN", "S05USDT")
+    assert s05["decision"] == "PERMIT"
     assert desk.decide("OPEN", "S06USDT")["reason"] == "active_slots_waiting_rotation_close"
+    desk.execute(s05["plan_id"])  # settled: no permit of the smaller regime outstanding
+    desk.settled()
     desk.r.set(desk.keys.regime, "TREND_STRONG")  # 6 slots
     assert desk.decide("OPEN", "S06USDT")["decision"] == "PERMIT"
+
+
+def test_a_flip_upwards_cannot_push_an_older_permit_over_its_own_limit(
+        make_desk: MakeDesk) -> None:
+    """Found by the chaos sweep (regime-flip, seed 4): A permitted under BASE (4) with 3
+    occupied; the regime flips to TREND_STRONG (6); B permitted with 4 occupied executes
+    first, and A then executes with 4 open although its permit allowed fewer than 4."""
+    desk = make_desk()
+    for i in range(3):
+        desk.open_position(f"S0{i}USDT")
+    a = desk.decide("OPEN", "S05USDT")
+    assert a["decision"] == "PERMIT"
+    desk.r.set(desk.keys.regime, "TREND_STRONG")
+    assert desk.decide("OPEN", "S06USDT")["reason"] == "active_slots_waiting_rotation_close"
+    desk.wait_idle()
+    assert not [e for e in desk.events() if e["plan_id"].startswith("rot_")], \
+        "waiting for an older permit to settle needs no rotation"
+    desk.execute(a["plan_id"])
+    desk.settled()
+    assert desk.decide("OPEN", "S06USDT")["decision"] == "PERMIT"
+    assert desk.decide("OPEN", "S07USDT")["decision"] == "PERMIT"
 
 
 def test_max_positions_caps_every_regime(make_desk: MakeDesk) -> None:

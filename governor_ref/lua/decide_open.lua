@@ -33,9 +33,27 @@ if redis.call('HEXISTS', K.positions, sym) == 1 or redis.call('HEXISTS', K.openi
   return emit(plan, 'BLOCK', 'duplicate_open', nil, now, cfg)
 end
 
--- Slots: open positions plus opens permitted and not yet settled.
+-- Slots: open positions plus opens permitted and not yet settled. Every outstanding
+-- OPEN was permitted under the slots of its own regime, and may execute after this
+-- one: a permit under a larger regime (a flip upwards) must not push an older permit
+-- over the limit it was issued under. So the bound is the smallest of the regime in
+-- force and of every outstanding OPEN lease's own.
 local desired = desired_slots(cfg)
 local occupied = redis.call('HLEN', K.positions) + redis.call('HLEN', K.opening)
+local leases = {}
+local lease_limit = desired
+for _, raw in ipairs(redis.call('HVALS', K.leases)) do
+  local l = decode(raw)
+  if l and l.kind == 'OPEN' then
+    leases[#leases + 1] = l
+    local d = tonumber(l.desired)
+    if d and d < lease_limit then lease_limit = d end
+  end
+end
+if occupied >= lease_limit and occupied < desired then
+  -- Only an older, smaller-regime permit binds: it settles soon, no rotation needed.
+  return emit(plan, 'BLOCK', 'active_slots_waiting_rotation_close', nil, now, cfg)
+end
 if occupied >= desired then
   -- Rotation: one CLOSE of the weakest position at a time, under one lock.
   if redis.call('EXISTS', K.rotation_lock) == 0 then
@@ -63,19 +81,14 @@ end
 
 -- Capital: open notional plus permitted-not-yet-executed, against the caps.
 local total, on_symbol = notional, 0
-local vals = redis.call('HVALS', K.positions)
-for _, raw in ipairs(vals) do
+for _, raw in ipairs(redis.call('HVALS', K.positions)) do
   local pos = decode(raw)
   if pos then total = total + (tonumber(pos.notional) or 0) end
 end
-vals = redis.call('HVALS', K.leases)
-for _, raw in ipairs(vals) do
-  local l = decode(raw)
-  if l and l.kind == 'OPEN' then
-    local n = tonumber(l.notional) or 0
-    total = total + n
-    if l.symbol == sym then on_symbol = on_symbol + n end
-  end
+for _, l in ipairs(leases) do
+  local n = tonumber(l.notional) or 0
+  total = total + n
+  if l.symbol == sym then on_symbol = on_symbol + n end
 end
 if total > cfg.max_total_notional + 1e-9 then
   return emit(plan, 'BLOCK', 'total_notional_cap_exceeded', nil, now, cfg)
@@ -93,7 +106,8 @@ end
 
 local expires = now + cfg.capital_reservation_ttl_ms
 put_lease(plan.plan_id, {kind = 'OPEN', plan_id = plan.plan_id, symbol = sym, side = plan.side,
-                         notional = plan.notional, issued_at_ms = fmt(now)}, expires)
+                         notional = plan.notional, issued_at_ms = fmt(now),
+                         desired = desired}, expires)
 redis.call('HSET', K.opening, sym, plan.plan_id)
 write_permit(plan, plan.side, plan.notional, '', now, cfg)
 return emit(plan, 'PERMIT', '', nil, now, cfg)
