@@ -27,6 +27,7 @@ import redis
 from chaos.apply_layer import ApplyConfig, ApplyLayer
 from chaos.exchange import Exchange
 from chaos.redis_servers import EmbeddedRedis
+from governor_ref.governor import group_drained
 from governor_ref.keys import GROUP_GOVERNOR, Keys
 from governor_ref.protocol import GovernorConfig
 
@@ -179,9 +180,7 @@ def run_demo(seconds: float = 10.0, governors: int = 3, variant: str = "referenc
 def _drain(r: redis.Redis, k: Keys, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        g = next(g for g in r.xinfo_groups(k.plans) if g["name"] == GROUP_GOVERNOR)
-        if g["pending"] == 0 and g["last-delivered-id"] == r.xinfo_stream(k.plans)[
-                "last-generated-id"]:
+        if group_drained(r, k.plans, GROUP_GOVERNOR):
             return
         time.sleep(0.05)
     log.warning("plans not drained within %.0fs", timeout)

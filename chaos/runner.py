@@ -37,6 +37,7 @@ from chaos.probe import PROBE_SYMBOLS, ProbeOutcome, run_probe
 from chaos.recorder import StreamRecorder, apply_hook, supervisor_hook
 from chaos.redis_servers import EmbeddedConfig, RedisProvider, provide
 from chaos.supervisor import GovernorSpec, GovernorStartError, Supervisor
+from governor_ref.governor import group_drained
 from governor_ref.keys import GROUP_GOVERNOR, Keys
 
 log = logging.getLogger(__name__)
@@ -381,11 +382,7 @@ class Run:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                r = self.admin()
-                g = next((g for g in r.xinfo_groups(self.keys.plans)
-                          if g["name"] == GROUP_GOVERNOR), None)
-                last = r.xinfo_stream(self.keys.plans)["last-generated-id"]
-                if g and g["pending"] == 0 and g["last-delivered-id"] == last:
+                if group_drained(self.admin(), self.keys.plans, GROUP_GOVERNOR):
                     return
             except redis.RedisError:
                 pass

@@ -222,6 +222,24 @@ class StreamReader:
         return [(_sid(i), f) for i, f in claimed if i is not None]
 
 
+def group_drained(r: redis.Redis, stream: str, group: str) -> bool:
+    """True when ``group`` has been delivered every entry of ``stream`` and acked them all.
+
+    For whoever waits on governors (harness, tests, benchmarks): a stream or group
+    that does not exist yet is not drained.
+    """
+    try:
+        groups = r.xinfo_groups(stream)
+        last = r.xinfo_stream(stream)["last-generated-id"]
+    except ResponseError:
+        return False
+    for g in groups:
+        name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
+        if name == group:
+            return g["pending"] == 0 and g["last-delivered-id"] == last
+    return False
+
+
 LogicFactory = Callable[[Context], DecisionLogic]
 
 

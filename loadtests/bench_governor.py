@@ -39,6 +39,7 @@ import psutil
 import redis
 
 from chaos.redis_servers import EmbeddedConfig, EmbeddedRedis
+from governor_ref.governor import group_drained
 from governor_ref.keys import GROUP_GOVERNOR, Keys
 from governor_ref.protocol import GovernorConfig, Plan
 from governor_ref.reference import plan_args
@@ -147,13 +148,6 @@ def _spawn(url: str, prefix: str, i: int) -> subprocess.Popen[bytes]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _drained(r: redis.Redis, k: Keys) -> bool:
-    names = (GROUP_GOVERNOR, GROUP_GOVERNOR.encode())
-    g = next(g for g in r.xinfo_groups(k.plans) if g["name"] in names)
-    last = r.xinfo_stream(k.plans)["last-generated-id"]
-    return g["pending"] == 0 and g["last-delivered-id"] == last
-
-
 def governor_round(url: str, r: redis.Redis, plans: list[dict[str, str]], nprocs: int,
                    tag: str) -> GovRound:
     prefix = f"bg{tag}"
@@ -187,7 +181,7 @@ def governor_round(url: str, r: redis.Redis, plans: list[dict[str, str]], nprocs
             for f in batch[i:i + 1000]:
                 pipe.xadd(k.plans, f)
             pipe.execute()
-        while not _drained(r, k):
+        while not group_drained(r, k.plans, GROUP_GOVERNOR):
             time.sleep(0.005)
         wall = time.perf_counter() - t0
         decided = r.xlen(k.events)

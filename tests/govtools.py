@@ -16,8 +16,8 @@ from typing import Any
 
 import redis
 
-from governor_ref.governor import Governor, Settings
-from governor_ref.keys import GROUP_GOVERNOR, Keys
+from governor_ref.governor import Governor, Settings, group_drained
+from governor_ref.keys import GROUP_GOVERNOR, GROUP_GOVERNOR_RESULTS, Keys
 from governor_ref.protocol import GovernorConfig
 from governor_ref.variants import factory
 
@@ -129,10 +129,7 @@ class Desk:
         """Until the plan group has no pending or undelivered entries."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            groups = {g["name"]: g for g in self.r.xinfo_groups(self.keys.plans)}
-            g = groups.get(GROUP_GOVERNOR)
-            last = self.r.xinfo_stream(self.keys.plans)["last-generated-id"]
-            if g and g["pending"] == 0 and g["last-delivered-id"] == last:
+            if group_drained(self.r, self.keys.plans, GROUP_GOVERNOR):
                 return
             time.sleep(0.02)
         raise AssertionError("governors did not drain the plan stream")
@@ -172,14 +169,7 @@ class Desk:
         """Until the governors have applied every result."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
-                groups = {g["name"]: g for g in self.r.xinfo_groups(self.keys.results)}
-            except redis.ResponseError:
-                time.sleep(0.02)
-                continue
-            g = groups.get("governor-results")
-            last = self.r.xinfo_stream(self.keys.results)["last-generated-id"]
-            if g and g["pending"] == 0 and g["last-delivered-id"] == last:
+            if group_drained(self.r, self.keys.results, GROUP_GOVERNOR_RESULTS):
                 return
             time.sleep(0.02)
         raise AssertionError("results not settled")

@@ -24,6 +24,7 @@ import redis
 
 from chaos.apply_layer import ApplyConfig, ApplyLayer
 from chaos.exchange import Exchange, Order
+from governor_ref.governor import group_drained
 from governor_ref.keys import GROUP_GOVERNOR, Keys
 from governor_ref.protocol import GovernorConfig
 
@@ -88,9 +89,7 @@ class Cluster:
     def drained(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            g = next(g for g in self.r.xinfo_groups(self.k.plans) if g["name"] == GROUP_GOVERNOR)
-            last = self.r.xinfo_stream(self.k.plans)["last-generated-id"]
-            if g["pending"] == 0 and g["last-delivered-id"] == last:
+            if group_drained(self.r, self.k.plans, GROUP_GOVERNOR):
                 return
             time.sleep(0.05)
         raise AssertionError("plans not drained")
