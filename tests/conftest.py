@@ -76,6 +76,27 @@ def make_desk(shared_redis: EmbeddedRedis, prefix: str) -> Iterator[Callable[...
         d.stop_all()
 
 
+@pytest.fixture
+def no_leftover_governors(prefix: str) -> Iterator[None]:
+    """After the test: no process started with this test's GOVERNOR_PREFIX may be running.
+
+    For modules that start governors as processes (``pytestmark = usefixtures(...)``):
+    survivors are killed and the test fails.
+    """
+    yield
+    leftovers = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if proc.pid != os.getpid() and proc.environ().get(
+                "GOVERNOR_PREFIX", ""
+            ).startswith(prefix):
+                leftovers.append(proc)
+    for proc in leftovers:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    assert not leftovers, f"processes left running: {[(p.pid, p.name()) for p in leftovers]}"
+
+
 def _redis_children() -> set[int]:
     """redis-server processes that are children of this worker (whatever started them)."""
     pids = set(running_pids())

@@ -53,6 +53,8 @@ NO_RETRY = Retry(NoBackoff(), 0)  # a client that reports the fault instead of w
 FAST = ApplyConfig(open_latency_ms=5, open_jitter_ms=0, close_latency_ms=5, close_jitter_ms=0,
                    block_ms=50, drain_timeout_s=2)
 
+pytestmark = pytest.mark.usefixtures("no_leftover_governors")
+
 
 # --------------------------------------------------------------------------- helpers
 
@@ -114,22 +116,6 @@ def reaped(pid: int) -> bool:
     except ProcessLookupError:
         return True
     return False
-
-
-@pytest.fixture(autouse=True)
-def _no_leftover_governors(prefix: str) -> Iterator[None]:
-    yield
-    leftovers = []
-    for proc in psutil.process_iter():
-        with contextlib.suppress(psutil.Error):
-            if proc.pid != os.getpid() and proc.environ().get(
-                "GOVERNOR_PREFIX", ""
-            ).startswith(prefix):
-                leftovers.append(proc)
-    for proc in leftovers:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    assert not leftovers, f"processes left running: {[(p.pid, p.name()) for p in leftovers]}"
 
 
 @pytest.fixture

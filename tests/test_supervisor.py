@@ -6,12 +6,11 @@ its prefix in ``GOVERNOR_PREFIX`` is still alive afterwards (and kills it).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,8 @@ GOV = "python -m governor_ref run"
 # kill and pause must reach the child too.
 GOV_WITH_CHILD = "sh -c 'sleep 600 & exec {python} -m governor_ref run'"
 SLEEPER = "python -c 'import time; time.sleep(600)'"
+
+pytestmark = pytest.mark.usefixtures("no_leftover_governors")
 
 
 def wait_for(pred: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
@@ -74,22 +75,6 @@ def consumer_of(pid: int) -> str:
 def events_of(sup: Supervisor, kind: str, consumer: str | None = None) -> list[dict[str, Any]]:
     return [e for e in sup.events
             if e["type"] == kind and (consumer is None or e["consumer"] == consumer)]
-
-
-@pytest.fixture(autouse=True)
-def _no_leftover_governors(prefix: str) -> Iterator[None]:
-    yield
-    leftovers = []
-    for proc in psutil.process_iter():
-        with contextlib.suppress(psutil.Error):
-            if proc.pid != os.getpid() and proc.environ().get(
-                "GOVERNOR_PREFIX", ""
-            ).startswith(prefix):
-                leftovers.append(proc)
-    for proc in leftovers:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    assert not leftovers, f"processes left running: {[(p.pid, p.name()) for p in leftovers]}"
 
 
 @pytest.fixture
