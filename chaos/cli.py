@@ -171,11 +171,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def _check(run_dir: Path) -> int:
     from chaos.checkers import check_run
-    from chaos.history import history_files
 
-    if not run_dir.is_dir() or not history_files(run_dir):
-        print(f"chaos check: {run_dir} is not a run directory (no history/*.jsonl)",
-              file=sys.stderr)
+    if not _is_run_dir(run_dir, "check"):
         return EXIT_BAD_ARGS
     verdict = check_run(run_dir)
     print(verdict.summary())
@@ -216,15 +213,22 @@ def _suite(args: argparse.Namespace) -> int:
 
 def _report(run_dir: Path) -> int:
     from chaos.checkers import check_run
-    from chaos.history import history_files
     from chaos.report import write_report
 
-    if not run_dir.is_dir() or not history_files(run_dir):
-        print(f"chaos report: {run_dir} is not a run directory (no history/*.jsonl)",
-              file=sys.stderr)
+    if not _is_run_dir(run_dir, "report"):
         return EXIT_BAD_ARGS
     verdict = check_run(run_dir)
     paths = write_report(run_dir, verdict)
     print(verdict.summary())
     print(f"written {paths.md}\nwritten {paths.html}")
     return verdict.exit_code
+
+
+def _is_run_dir(run_dir: Path, command: str) -> bool:
+    from chaos.history import history_files
+
+    if run_dir.is_dir() and history_files(run_dir):
+        return True
+    print(f"chaos {command}: {run_dir} is not a run directory (no history/*.jsonl)",
+          file=sys.stderr)
+    return False

@@ -83,10 +83,9 @@ def run_suite(out_dir: Path, *, governor: str = "reference", governor_cmd: str |
                 for name, r in v.results.items():
                     if r.violations:
                         oc.violations[name] = len(r.violations)
-                first = v.violations[0].wall_ms if v.violations else None
-                start = _workload_start_ms(res.run_dir)
-                if first and start:
-                    oc.first_violation_s = round((first - start) / 1000, 2)
+                first = v.to_dict()["time_to_first_violation_s"]
+                if first is not None:
+                    oc.first_violation_s = round(first, 2)
                 oc.messages = [x.message for x in v.violations[:3]]
                 if oc.valid is not True:  # reports where there is something to look at
                     from chaos.report import write_report
@@ -106,15 +105,6 @@ def run_suite(out_dir: Path, *, governor: str = "reference", governor_cmd: str |
     valid: bool | None = False if False in values else (None if None in values else True)
     write_summary(out_dir, valid, outcomes, governor_cmd or governor)
     return valid, outcomes
-
-
-def _workload_start_ms(run_dir: Path) -> int | None:
-    from chaos.history import F, OpType, iter_history
-
-    for op in iter_history(run_dir):
-        if op.f == F.PHASE and op.key == "workload" and op.type == OpType.INVOKE:
-            return op.wall_ms
-    return None
 
 
 HEADER = f"{'scenario':<22} {'seed':>4} {'verdict':<8} {'first':>6}  violations"
