@@ -481,18 +481,6 @@ def _plot_positions(ctx: _Ctx) -> Any:
 
 
 # 2. capital -----------------------------------------------------------------------------
-def _plan_notional(f: Facts, pid: str) -> float | None:
-    s = f.submits.get(pid)
-    raw = s.fields.get("notional") if s else None
-    if raw is None:
-        entries = f.plan_entries.get(pid)
-        raw = entries[0][1].get("notional") if entries else None
-    try:
-        return float(raw) if raw is not None else None
-    except (TypeError, ValueError):
-        return None
-
-
 def _capital_replay(ctx: _Ctx, symbols: Iterable[str]) -> tuple[
         list[tuple[float, float, float]], dict[str, list[tuple[float, float, float]]]]:
     """Replay OPEN permits and orders as check_capital does.
@@ -508,7 +496,7 @@ def _capital_replay(ctx: _Ctx, symbols: Iterable[str]) -> tuple[
         d = next((x for x in ds if x.decision == "PERMIT" and x.action == "OPEN"), None)
         if d is None:
             continue
-        notional = _plan_notional(f, pid)
+        notional = f.notional(pid)
         if notional is None:
             continue
         o = opens_exec.get(pid)
@@ -729,23 +717,8 @@ class _Span:
 
 def _close_spans(f: Facts) -> list[_Span]:
     """CLOSE permits from decision to end: the rule of check_single_close."""
-    ttl = f.config.permit_ttl_ms
-    end_of: dict[str, int] = {}
-    for o in f.orders:
-        end_of.setdefault(o.plan_id, o.wall_ms)
-    spans = []
-    for pid, ds in f.decisions.items():
-        d = next((x for x in ds if x.decision == "PERMIT" and x.action == "CLOSE"), None)
-        if d is None:
-            continue
-        ends = [end_of.get(pid)]
-        ends += [ms for status, ms in f.takes.get(pid, ()) if status == "fail"]
-        ends += [ms for ms, r in f.results.get(pid, ()) if r.get("status") != "executed"]
-        known = [e for e in ends if e is not None]
-        end = min(known) if known else d.entry_ms + ttl
-        spans.append(_Span(d.symbol, d.entry_ms, max(end, d.entry_ms), d.governor or "?",
-                           not known, pid))
-    return spans
+    return [_Span(d.symbol, d.entry_ms, end, d.governor or "?", lapsed, d.plan_id)
+            for d, end, lapsed in f.close_permit_spans()]
 
 
 def _plot_exit_locks(ctx: _Ctx) -> Any:
@@ -897,10 +870,10 @@ def _plot_latency(ctx: _Ctx) -> Any:
         for d in ds:
             dec_t.append(ctx.s(d.entry_ms))
             dec_permit.append(d.decision == "PERMIT")
-        entries = f.plan_entries.get(pid)
-        if entries and ds:
+        entry = f.plans.get(pid)
+        if entry and ds:
             lat_t.append(ctx.s(ds[0].entry_ms))
-            lat_v.append(ds[0].entry_ms - entries[0][0])
+            lat_v.append(ds[0].entry_ms - entry.entry_ms)
     if not dec_t:
         _no_data(ax, "no decisions recorded")
         _no_data(tp, "no decisions recorded")
@@ -1016,7 +989,7 @@ def _header_rows(ctx: _Ctx) -> list[tuple[str, str]]:
         ("time 0", f"{ctx.t0_source} ({_iso(ctx.t0)})"),
         ("history", f"{f.ops} operations, {len(f.orders)} ledger orders, "
                     f"{sum(len(x) for x in f.decisions.values())} decisions, "
-                    f"{len(f.plan_entries)} plans"),
+                    f"{len(f.plans)} plans"),
         ("faults", _fault_note(ctx).removeprefix("faults: ")),
         ("regime flips", str(len(f.regimes))),
     ]
@@ -1130,8 +1103,8 @@ def _violation_fields(v: Violation, t0: int) -> list[tuple[str, str]]:
 def _plan_sources(ctx: _Ctx, v: Violation) -> str:
     src = []
     for pid in v.plan_ids:
-        e = ctx.facts.plan_entries.get(pid)
-        s = e[0][1].get("source") if e else None
+        e = ctx.facts.plans.get(pid)
+        s = e.source if e else None
         if s:
             src.append(f"{pid}: {s}")
     return ", ".join(src)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from chaos.checkers.facts import Facts, gather
+from chaos.checkers.facts import Facts, gather, gc_paused
 from chaos.checkers.invariants import CHECKERS, INVARIANTS, CheckResult, Violation
 
 __all__ = ["CHECKERS", "INVARIANTS", "CheckResult", "Facts", "Verdict", "Violation",
@@ -81,7 +81,8 @@ def check_run(run_dir: str | Path, write: bool = True, models: bool = True,
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
     facts = gather(run_dir)
-    results = {name: fn(facts) for name, fn in CHECKERS.items()}
+    with gc_paused():
+        results = {name: fn(facts) for name, fn in CHECKERS.items()}
     values = [r.valid for r in results.values()]
     valid: bool | None = False if False in values else (None if None in values else True)
     status = facts.meta.get("status")

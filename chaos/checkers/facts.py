@@ -1,9 +1,16 @@
 """What a run did, gathered in one pass over its history and its exchange ledger.
 
 The checkers judge these facts, not the raw files: the history is streamed
-once (never held whole), and each plan keeps only the few fields a checker
-needs. The ledger is the ground truth of what executed; the history is the
-evidence of what was asked, decided and when.
+once (never held whole), each line decoded only as far as a checker needs
+(msgspec skips the rest unread), and each plan keeps only the few fields a
+checker needs. Long histories are scanned file by file in worker processes
+(the facts of one plan do not depend on the order of the files: a submit's
+invoke and completion are paired by their monotonic times, and lists are
+sorted by time at the end), and the rare operations that do depend on order
+(operator, fault, probe, phase, governor) are replayed in time order.
+
+The ledger is the ground truth of what executed; the history is the evidence
+of what was asked, decided and when.
 
 Times: ``*_ms`` are epoch milliseconds. Decision, plan and result times are
 Redis stream ids (the server's clock); order times are the exchange host's
@@ -13,32 +20,43 @@ embedded Redis these are one clock.
 
 from __future__ import annotations
 
+import gc
 import json
+import os
+import pickle
 import sqlite3
+import subprocess
+import sys
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from chaos.history import F, OpType, iter_history
+import msgspec
+
+from chaos.history import F, OpType, history_files
 from governor_ref.protocol import GovernorConfig
 
 
-@dataclass(frozen=True)
-class Decision:
-    plan_id: str
-    symbol: str
-    action: str
-    decision: str
-    reason: str
-    governor: str
-    entry_ms: int
-    entry_id: str
+# Per-plan records are msgspec Structs, decoded straight from the history lines: built in
+# C, a third of a dataclass's memory. Unknown fields of a line are skipped unread.
+class Decision(msgspec.Struct):
+    """A PERMIT or BLOCK as the governor published it (one decision event)."""
+
+    plan_id: str = ""
+    symbol: str = ""
+    action: str = ""
+    decision: str = ""
+    reason: str = ""
+    governor: str = ""
+    entry_ms: int = 0  # the event's stream id time (Redis's clock)
+    entry_id: str = ""
     fence: str = ""
 
 
-@dataclass(frozen=True)
-class LedgerOrder:
+class LedgerOrder(msgspec.Struct, frozen=True):
     seq: int
     plan_id: str
     symbol: str
@@ -57,12 +75,35 @@ class LedgerOrder:
         return not self.effect.startswith("rejected")
 
 
-@dataclass
-class Submit:
-    status: str  # ok / info / fail
+class _PlanFields(msgspec.Struct):
+    # The raw field values as sent: a malformed plan may carry anything.
+    plan_id: Any = None
+    symbol: Any = None
+    notional: Any = None
+    intent_created_at_ms: Any = None
+
+
+class Submit(msgspec.Struct):
+    """A plan a producer sent, as the producer recorded it (the plan may be malformed)."""
+
+    status: str  # invoke (no completion) / ok / info / fail
     wall_ms: int
-    fields: dict[str, Any]
-    malformed: str | None = None
+    plan_id: Any = None
+    symbol: Any = None
+    notional: Any = None
+    intent_created_at_ms: Any = None
+    malformed: Any = None
+
+
+class PlanEntry(msgspec.Struct):
+    """The first entry of a plan id in the plan stream, as the recorder read it."""
+
+    entry_ms: int = 0  # the entry's stream id time
+    action: Any = None
+    symbol: Any = None
+    source: Any = None
+    intent_created_at_ms: Any = None
+    notional: Any = None
 
 
 @dataclass
@@ -85,12 +126,11 @@ class Facts:
     # (invoked_ms, completed_ms, regime, completion type) of each regime flip
     regimes: list[tuple[int, int, str, str]] = field(default_factory=list)
     submits: dict[str, Submit] = field(default_factory=dict)
-    plan_entries: dict[str, list[tuple[int, dict[str, str]]]] = field(
-        default_factory=lambda: defaultdict(list))
+    plans: dict[str, PlanEntry] = field(default_factory=dict)
     decisions: dict[str, list[Decision]] = field(default_factory=lambda: defaultdict(list))
     takes: dict[str, list[tuple[str, int]]] = field(default_factory=lambda: defaultdict(list))
-    results: dict[str, list[tuple[int, dict[str, str]]]] = field(
-        default_factory=lambda: defaultdict(list))
+    # (entry_ms, status) of each apply.result entry of a plan
+    results: dict[str, list[tuple[int, str]]] = field(default_factory=lambda: defaultdict(list))
     faults: list[FaultWindow] = field(default_factory=list)
     probes: dict[str, dict[str, Any]] = field(default_factory=dict)
     phases: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -117,6 +157,60 @@ class Facts:
             current = {regime} if done <= ms and typ == "ok" else current | {regime}
         return current
 
+    def permit(self, plan_id: str) -> Decision | None:
+        """The plan's PERMIT decision, if it got one."""
+        for d in self.decisions.get(plan_id, ()):
+            if d.decision == "PERMIT":
+                return d
+        return None
+
+    def _plan_field(self, plan_id: str, name: str) -> Any:
+        s = self.submits.get(plan_id)
+        raw = getattr(s, name) if s else None
+        if raw is None:
+            p = self.plans.get(plan_id)
+            raw = getattr(p, name) if p else None
+        return raw
+
+    def notional(self, plan_id: str) -> float | None:
+        """The plan's notional as sent (else as read from the stream); None if not a number."""
+        try:
+            raw = self._plan_field(plan_id, "notional")
+            return float(raw) if raw is not None else None
+        except (TypeError, ValueError):
+            return None
+
+    def created_ms(self, plan_id: str) -> int | None:
+        """The plan's ``intent_created_at_ms`` as sent; None if absent or not a number."""
+        try:
+            raw = self._plan_field(plan_id, "intent_created_at_ms")
+            return int(raw) if raw is not None else None
+        except (TypeError, ValueError):
+            return None
+
+    def close_permit_spans(self) -> Iterator[tuple[Decision, int, bool]]:
+        """Each CLOSE permit with the time it stopped being outstanding.
+
+        Yields ``(permit, end_ms, lapsed)``: the end is the first of its order
+        reaching the exchange, a failed take (the permit was gone), or a result
+        other than ``executed``; with none of these the permit lapsed at
+        ``permit_ttl_ms`` (``lapsed`` True). Never before the permit itself.
+        """
+        ttl = self.config.permit_ttl_ms
+        first_order: dict[str, int] = {}
+        for o in self.orders:
+            first_order.setdefault(o.plan_id, o.wall_ms)
+        for pid, ds in self.decisions.items():
+            d = next((x for x in ds if x.decision == "PERMIT" and x.action == "CLOSE"), None)
+            if d is None:
+                continue
+            ends = [ms for status, ms in self.takes.get(pid, ()) if status == "fail"]
+            ends += [ms for ms, status in self.results.get(pid, ()) if status != "executed"]
+            if pid in first_order:
+                ends.append(first_order[pid])
+            end = min(ends) if ends else d.entry_ms + ttl
+            yield d, max(end, d.entry_ms), not ends
+
 
 def load_ledger(run_dir: Path) -> list[LedgerOrder]:
     path = run_dir / "ledger.sqlite"
@@ -137,49 +231,396 @@ def load_ledger(run_dir: Path) -> list[LedgerOrder]:
                         None if r[11] is None else int(r[11])) for r in rows]
 
 
-def gather(run_dir: str | Path) -> Facts:
-    run_dir = Path(run_dir)
+class HistoryError(ValueError):
+    """A history line that is not an operation (named by file and line)."""
+
+
+# The operations as the scan decodes them: one class per ``f`` (msgspec picks it by the
+# tag), with only the value fields a checker reads.
+class _Op(msgspec.Struct, tag_field="f"):
+    type: str = ""
+    process: str = ""
+    time_ns: int = 0
+    wall_ms: int = 0
+    key: Any = None
+    symbol: Any = None
+
+
+class _SubmitVal(msgspec.Struct):
+    plan: _PlanFields | None = None
+    malformed: Any = None
+
+
+class _ResultVal(msgspec.Struct):
+    entry_ms: int = 0
+    status: Any = None
+
+
+class _DecisionOp(_Op, tag=str(F.DECISION)):
+    value: Decision | None = None
+
+
+class _SubmitOp(_Op, tag=str(F.SUBMIT)):
+    value: _SubmitVal | None = None
+
+
+class _PlanOp(_Op, tag=str(F.PLAN)):
+    value: PlanEntry | None = None
+
+
+class _TakeOp(_Op, tag=str(F.TAKE)):
+    pass
+
+
+class _ResultOp(_Op, tag=str(F.RESULT)):
+    value: _ResultVal | None = None
+
+
+class _OrderOp(_Op, tag=str(F.ORDER)):
+    pass  # orders are judged from the ledger
+
+
+class _OrderedOp(_Op):
+    """Operations whose meaning depends on the order of others: replayed in time order."""
+
+    value: dict[str, Any] | None = None
+
+
+class _OperatorOp(_OrderedOp, tag=str(F.OPERATOR)):
+    pass
+
+
+class _FaultOp(_OrderedOp, tag=str(F.FAULT)):
+    pass
+
+
+class _ProbeOp(_OrderedOp, tag=str(F.PROBE)):
+    pass
+
+
+class _PhaseOp(_OrderedOp, tag=str(F.PHASE)):
+    pass
+
+
+class _GovernorOp(_OrderedOp, tag=str(F.GOVERNOR)):
+    pass
+
+
+class _OtherOp(_Op, tag="?"):
+    pass  # an ``f`` no checker reads: counted only
+
+
+_KINDS = (_DecisionOp, _SubmitOp, _PlanOp, _TakeOp, _ResultOp, _OrderOp, _OperatorOp,
+          _FaultOp, _ProbeOp, _PhaseOp, _GovernorOp)
+_BY_F = {c.__struct_config__.tag: c for c in _KINDS}
+_AnyOp = _DecisionOp | _SubmitOp | _PlanOp | _TakeOp | _ResultOp | _OrderOp | _OperatorOp \
+    | _FaultOp | _ProbeOp | _PhaseOp | _GovernorOp
+
+
+@dataclass
+class _Scan:
+    """What one worker gathered from some history files (merged by :func:`_merge`)."""
+
+    ops: int = 0
+    first_ms: int | None = None
+    last_ms: int | None = None
+    invokes: dict[str, tuple[int, Submit]] = field(default_factory=dict)  # last invoke
+    completions: dict[str, tuple[int, str, int]] = field(default_factory=dict)  # last one
+    plans: dict[str, PlanEntry] = field(default_factory=dict)
+    decisions: dict[str, list[Decision]] = field(default_factory=dict)
+    takes: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
+    results: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
+    ordered: list[tuple[int, str, _OrderedOp]] = field(default_factory=list)
+
+
+def _blocks(path: Path, block: int = 4 << 20) -> Iterator[list[bytes]]:
+    """The complete lines of a history file, in blocks (a torn last line is left out)."""
+    with open(path, "rb") as fh:
+        rest = b""
+        while chunk := fh.read(block):
+            chunk = rest + chunk
+            cut = chunk.rfind(b"\n") + 1
+            rest = chunk[cut:]
+            yield chunk[:cut].split(b"\n")[:-1]
+        # ``rest`` is the torn last line of a killed writer: everything before it stands.
+
+
+class _Decoders:
+    def __init__(self) -> None:
+        self.block = msgspec.json.Decoder(list[_AnyOp])
+        self.one = msgspec.json.Decoder(_AnyOp)
+        self.generic = msgspec.json.Decoder()
+
+    def decode(self, lines: list[bytes], path: Path, first_line: int) -> list[_Op]:
+        """A block of lines at once; line by line (and leniently) when that fails."""
+        try:
+            return self.block.decode(b"[" + b",".join(x for x in lines if x.strip()) + b"]")
+        except msgspec.MsgspecError:
+            pass
+        out: list[_Op] = []
+        for n, line in enumerate(lines, first_line):
+            if not line.strip():
+                continue
+            try:
+                out.append(self.one.decode(line))
+            except msgspec.ValidationError:
+                out.append(self._loose(line, path, n))
+            except msgspec.DecodeError as exc:
+                raise HistoryError(f"{path}:{n}: not a history operation: {exc}") from None
+        return out
+
+    def _loose(self, line: bytes, path: Path, n: int) -> _Op:
+        """A line with an unknown ``f`` or fields of unexpected types (hand-written,
+        imported): keep what can be read, field by field."""
+        d = self.generic.decode(line)
+        if not isinstance(d, dict) or "f" not in d or "type" not in d:
+            raise HistoryError(f"{path}:{n}: not a history operation (needs 'type' and 'f')")
+        cls = _BY_F.get(str(d["f"]), _OtherOp)
+        kw: dict[str, Any] = {}
+        for fld in msgspec.structs.fields(cls):
+            if fld.name in d and d[fld.name] is not None:
+                try:
+                    kw[fld.name] = _lenient(d[fld.name], fld.type)
+                except msgspec.ValidationError:
+                    if fld.name in ("time_ns", "wall_ms"):
+                        raise HistoryError(f"{path}:{n}: bad {fld.name} {d[fld.name]!r}"
+                                           ) from None
+        return cls(**kw)
+
+
+def _lenient(x: Any, typ: Any) -> Any:
+    """``x`` as ``typ``; a struct is filled field by field, skipping fields it cannot read."""
+    args = getattr(typ, "__args__", None)
+    if args:  # X | None
+        typ = next(a for a in args if a is not type(None))
+    if isinstance(typ, type) and issubclass(typ, msgspec.Struct):
+        if not isinstance(x, dict):
+            raise msgspec.ValidationError(f"expected an object, got {type(x).__name__}")
+        kw = {}
+        for fld in msgspec.structs.fields(typ):
+            if x.get(fld.name) is not None:
+                with suppress(msgspec.ValidationError):
+                    kw[fld.name] = msgspec.convert(x[fld.name], fld.type, strict=False)
+        return typ(**kw)
+    return msgspec.convert(x, typ, strict=False)
+
+
+_PB = frozenset(("PERMIT", "BLOCK"))
+
+
+def _scan(paths: Iterable[str | Path]) -> _Scan:
+    decoders = _Decoders()
+    sc = _Scan()
+    invokes, completions, plans = sc.invokes, sc.completions, sc.plans
+    decisions, takes, results, ordered = sc.decisions, sc.takes, sc.results, sc.ordered
+    first, last = 2**63, -(2**63)
+    ops = 0
+    for path in map(Path, paths):
+        line_no = 1
+        for lines in _blocks(path):
+            objs = decoders.decode(lines, path, line_no)
+            line_no += len(lines)
+            ops += len(objs)
+            for o in objs:
+                cls = o.__class__
+                ms = o.wall_ms
+                if ms < first:
+                    first = ms
+                if ms > last:
+                    last = ms
+                key = o.key
+                if cls is _DecisionOp:
+                    d = o.value
+                    if key and d is not None and d.decision in _PB:
+                        if not d.entry_ms:
+                            d.entry_ms = ms
+                        if d.plan_id != key:
+                            d.plan_id = key
+                        ds = decisions.get(key)
+                        if ds is None:
+                            decisions[key] = [d]
+                        else:
+                            ds.append(d)
+                elif cls is _SubmitOp:
+                    if key is None:
+                        key = ""
+                    if o.type == "invoke":
+                        v = o.value
+                        p = (v.plan if v is not None else None) or _NO_PLAN
+                        invokes[key] = (o.time_ns, Submit(
+                            "invoke", ms, p.plan_id, p.symbol, p.notional,
+                            p.intent_created_at_ms, v.malformed if v is not None else None))
+                    else:
+                        completions[key] = (o.time_ns, o.type, ms)
+                elif cls is _PlanOp:
+                    e = o.value
+                    if key and e is not None:
+                        if not e.entry_ms:
+                            e.entry_ms = ms
+                        seen = plans.get(key)
+                        if seen is None or e.entry_ms < seen.entry_ms:
+                            plans[key] = e
+                elif cls is _TakeOp:
+                    if key:
+                        ts = takes.get(key)
+                        if ts is None:
+                            takes[key] = [(o.type, ms)]
+                        else:
+                            ts.append((o.type, ms))
+                elif cls is _ResultOp:
+                    if key:
+                        v = o.value
+                        r = ((v.entry_ms or ms, v.status) if v is not None else (ms, None))
+                        rs = results.get(key)
+                        if rs is None:
+                            results[key] = [r]
+                        else:
+                            rs.append(r)
+                elif cls is _OrderOp or cls is _OtherOp:
+                    pass
+                else:
+                    ordered.append((o.time_ns, o.process, o))
+    sc.ops = ops
+    if ops:
+        sc.first_ms, sc.last_ms = first, last
+    return sc
+
+
+_NO_PLAN = _PlanFields()
+
+
+def _merge(facts: Facts, scans: list[_Scan]) -> list[tuple[int, str, _OrderedOp]]:
+    invokes: dict[str, tuple[int, Submit]] = {}
+    completions: dict[str, tuple[int, str, int]] = {}
+    ordered: list[tuple[int, str, _OrderedOp]] = []
+    for sc in scans:
+        facts.ops += sc.ops
+        if sc.first_ms is not None:
+            facts.first_ms = sc.first_ms if facts.first_ms is None else min(facts.first_ms,
+                                                                            sc.first_ms)
+        if sc.last_ms is not None:
+            facts.last_ms = sc.last_ms if facts.last_ms is None else max(facts.last_ms,
+                                                                         sc.last_ms)
+        for k, inv in sc.invokes.items():
+            if k not in invokes or inv[0] >= invokes[k][0]:
+                invokes[k] = inv
+        for k, c in sc.completions.items():
+            if k not in completions or c[0] >= completions[k][0]:
+                completions[k] = c
+        for k, p in sc.plans.items():
+            seen = facts.plans.get(k)
+            if seen is None or p.entry_ms < seen.entry_ms:
+                facts.plans[k] = p
+        for src, dst in ((sc.decisions, facts.decisions), (sc.takes, facts.takes),
+                         (sc.results, facts.results)):
+            if not dst:
+                dst.update(src)
+            else:
+                for k, xs in src.items():
+                    if k in dst:
+                        dst[k].extend(xs)
+                    else:
+                        dst[k] = xs
+        ordered.extend(sc.ordered)
+    if len(scans) > 1:
+        for ds in facts.decisions.values():
+            if len(ds) > 1:
+                ds.sort(key=lambda d: (d.entry_ms, d.entry_id))
+        for ts in facts.takes.values():
+            if len(ts) > 1:
+                ts.sort(key=lambda t: t[1])
+        for rs in facts.results.values():
+            if len(rs) > 1:
+                rs.sort(key=lambda r: r[0])
+    # A submit's status is its last completion, when that came after its last invoke.
+    for k, (t_inv, s) in invokes.items():
+        c = completions.get(k)
+        if c is not None and c[0] >= t_inv:
+            s.status, s.wall_ms = c[1], c[2]
+        facts.submits[k] = s
+    ordered.sort(key=lambda x: (x[0], x[1]))
+    return ordered
+
+
+# Scan in parallel when the history is at least this big (a worker starts in ~0.2 s).
+PARALLEL_BYTES = 48 * 1024 * 1024
+
+
+def _plan_workers(files: list[Path], workers: int | None) -> list[list[Path]]:
+    sizes = [(p.stat().st_size, p) for p in files]
+    total = sum(s for s, _ in sizes)
+    if workers is None:
+        workers = min(os.cpu_count() or 1, 4) if total >= PARALLEL_BYTES else 1
+    workers = max(1, min(workers, len(files)))
+    groups: list[list[Path]] = [[] for _ in range(workers)]
+    load = [0] * workers
+    for size, p in sorted(sizes, key=lambda x: x[0], reverse=True):  # largest first
+        i = load.index(min(load))
+        groups[i].append(p)
+        load[i] += size
+    return [g for g in groups if g]
+
+
+def _scan_files(files: list[Path], workers: int | None) -> list[_Scan]:
+    groups = _plan_workers(files, workers)
+    if len(groups) <= 1:
+        return [_scan(files)]
+    # Each worker is a fresh interpreter reading its files and pickling its facts to stdout:
+    # no fork of a caller that may have threads, no re-import of the caller's __main__
+    # (a notebook, a script on stdin), which multiprocessing's spawn would need.
+    procs = [subprocess.Popen([sys.executable, "-m", "chaos.checkers.scan_worker",
+                               *map(str, g)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for g in groups[1:]]
+    try:
+        scans = [_scan(groups[0])]  # this process takes a share too
+        for proc in procs:
+            out, err = proc.communicate()
+            if proc.returncode != 0:
+                raise HistoryError(err.decode(errors="replace").strip().splitlines()[-1]
+                                   if err.strip() else f"scan worker exited {proc.returncode}")
+            scans.append(pickle.loads(out))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return scans
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside: the facts are millions of acyclic objects that
+    would each be traversed by every full collection (quadratic), and none of them is
+    garbage until the checkers are done."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def gather(run_dir: str | Path, workers: int | None = None) -> Facts:
+    """The facts of a run directory (``workers``: scanning processes, default by size)."""
+    with gc_paused():
+        return _gather(Path(run_dir), workers)
+
+
+def _gather(run_dir: Path, workers: int | None) -> Facts:
     meta: dict[str, Any] = {}
     if (run_dir / "run.json").exists():
         meta = json.loads((run_dir / "run.json").read_text())
     cfg_hash = meta.get("governor_config") or {}
     facts = Facts(run_dir=run_dir, config=GovernorConfig.from_hash(cfg_hash),
                   capital=0.0, allocation_pct=0.0, initial_regime="BASE", meta=meta)
+    ordered = _merge(facts, _scan_files(history_files(run_dir), workers))
     open_faults: dict[str, FaultWindow] = {}
     regime_inv: dict[str, tuple[int, str]] = {}
-    for op in iter_history(run_dir):
-        facts.ops += 1
-        ms = op.wall_ms
-        facts.first_ms = ms if facts.first_ms is None else min(facts.first_ms, ms)
-        facts.last_ms = ms if facts.last_ms is None else max(facts.last_ms, ms)
-        v = op.value
-        f = op.f
-        if f == F.DECISION:
-            if v.get("decision") in ("PERMIT", "BLOCK") and op.key:
-                facts.decisions[op.key].append(Decision(
-                    op.key, v.get("symbol", ""), v.get("action", ""), v["decision"],
-                    v.get("reason", ""), v.get("governor", ""), int(v.get("entry_ms", ms)),
-                    v.get("entry_id", ""), v.get("fence", "") or ""))
-        elif f == F.PLAN:
-            if op.key:
-                facts.plan_entries[op.key].append((int(v.get("entry_ms", ms)),
-                                                   {k: x for k, x in v.items()
-                                                    if k in ("action", "symbol", "source",
-                                                             "intent_created_at_ms",
-                                                             "notional")}))
-        elif f == F.SUBMIT:
-            key = op.key or ""
-            if op.type == OpType.INVOKE:
-                facts.submits[key] = Submit("invoke", ms, v.get("plan") or {},
-                                            v.get("malformed"))
-            elif key in facts.submits:
-                facts.submits[key].status = str(op.type)
-                facts.submits[key].wall_ms = ms
-        elif f == F.TAKE and op.key:
-            facts.takes[op.key].append((str(op.type), ms))
-        elif f == F.RESULT and op.key:
-            facts.results[op.key].append((int(v.get("entry_ms", ms)), v))
-        elif f == F.OPERATOR:
+    for _t, _p, op in ordered:
+        typ, key, ms, v = op.type, op.key, op.wall_ms, op.value or {}
+        f = op.__struct_config__.tag
+        if f == F.OPERATOR:
             if "config" in v:
                 facts.config = GovernorConfig.from_hash(v["config"])
             if "capital" in v:
@@ -188,31 +629,32 @@ def gather(run_dir: str | Path) -> Facts:
             if "regime" in v:
                 if v.get("initial"):
                     facts.initial_regime = v["regime"]
-                elif op.type == OpType.INVOKE:
-                    regime_inv[op.key or ""] = (ms, v["regime"])
+                elif typ == OpType.INVOKE:
+                    regime_inv[key or ""] = (ms, v["regime"])
                 else:
-                    inv_ms, regime = regime_inv.pop(op.key or "", (ms, v["regime"]))
-                    facts.regimes.append((inv_ms, ms, regime, str(op.type)))
+                    inv_ms, regime = regime_inv.pop(key or "", (ms, v["regime"]))
+                    facts.regimes.append((inv_ms, ms, regime, str(typ)))
         elif f == F.FAULT:
-            key = op.key or ""
+            key = key or ""
             phase = v.get("phase")
-            if phase == "start" and op.type == OpType.INVOKE:
+            if phase == "start" and typ == OpType.INVOKE:
                 open_faults[key] = FaultWindow(v.get("kind", "?"), key, ms, None,
                                                target=v.get("target"))
-            elif phase == "start" and op.type == OpType.FAIL and key in open_faults:
+            elif phase == "start" and typ == OpType.FAIL and key in open_faults:
                 open_faults.pop(key).ok = False
-            elif phase == "stop" and op.type != OpType.INVOKE and key in open_faults:
+            elif phase == "stop" and typ != OpType.INVOKE and key in open_faults:
                 w = open_faults.pop(key)
                 w.stop_ms = ms
                 facts.faults.append(w)
-        elif f == F.PROBE and op.key:
-            p = facts.probes.setdefault(op.key, {"probe": v.get("probe"), "symbol": op.symbol})
-            if op.type != OpType.INVOKE:
-                p.update(status=str(op.type), decision=v.get("decision"),
+        elif f == F.PROBE and key:
+            p = facts.probes.setdefault(key, {"probe": v.get("probe"),
+                                              "symbol": op.symbol})
+            if typ != OpType.INVOKE:
+                p.update(status=str(typ), decision=v.get("decision"),
                          reason=v.get("reason", ""))
-        elif f == F.PHASE and op.key:
-            facts.phases.setdefault(op.key, {})[str(op.type)] = ms
-            if op.key == "stream_reset":
+        elif f == F.PHASE and key:
+            facts.phases.setdefault(key, {})[str(typ)] = ms
+            if key == "stream_reset":
                 facts.stream_resets += 1
         elif f == F.GOVERNOR:
             facts.governor_events.append({"ms": ms, **v})

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from chaos.checkers.facts import Decision, Facts, LedgerOrder
+from chaos.checkers.facts import Decision, Facts, LedgerOrder, Submit
 
 INVARIANTS = ("slots", "one_position_per_symbol", "single_close", "capital", "fresh_intent",
               "one_decision", "liveness")
@@ -68,17 +68,10 @@ def _decision_event(d: Decision) -> dict[str, Any]:
             "entry_ms": d.entry_ms, "fence": d.fence}
 
 
-def _permit(facts: Facts, plan_id: str) -> Decision | None:
-    for d in facts.decisions.get(plan_id, ()):
-        if d.decision == "PERMIT":
-            return d
-    return None
-
-
 def _issued_ms(facts: Facts, o: LedgerOrder) -> int:
     if o.issued_at_ms:
         return o.issued_at_ms
-    p = _permit(facts, o.plan_id)
+    p = facts.permit(o.plan_id)
     return p.entry_ms if p else o.wall_ms
 
 
@@ -113,7 +106,7 @@ def check_slots(facts: Facts) -> CheckResult:
         regimes = facts.regime_at(issued)
         allowed = max(cfg.slots_for(r) for r in regimes)
         if before >= allowed:
-            p = _permit(facts, o.plan_id)
+            p = facts.permit(o.plan_id)
             vs.append(Violation(
                 "slots", o.wall_ms, o.symbol, (o.plan_id,),
                 f"< {allowed} open before an OPEN executes (regime "
@@ -163,21 +156,9 @@ def check_single_close(facts: Facts) -> CheckResult:
                                 f"times", tuple(_order_event(c) for c in closes),
                                 tuple(facts.fault_at(o.wall_ms))))
     # No two CLOSE permits of one symbol outstanding at once.
-    ttl = facts.config.permit_ttl_ms
-    end_of: dict[str, int] = {}
-    for o in facts.orders:
-        end_of.setdefault(o.plan_id, o.wall_ms)
     permits: dict[str, list[tuple[int, int, Decision]]] = defaultdict(list)
-    for pid, ds in facts.decisions.items():
-        d = next((x for x in ds if x.decision == "PERMIT" and x.action == "CLOSE"), None)
-        if d is None:
-            continue
-        ends = [end_of.get(pid)]
-        ends += [ms for status, ms in facts.takes.get(pid, ()) if status == "fail"]
-        ends += [ms for ms, r in facts.results.get(pid, ()) if r.get("status") != "executed"]
-        known = [e for e in ends if e is not None]
-        end = min(known) if known else d.entry_ms + ttl  # never taken: the permit lapsed
-        permits[d.symbol].append((d.entry_ms, max(end, d.entry_ms), d))
+    for d, end, _lapsed in facts.close_permit_spans():
+        permits[d.symbol].append((d.entry_ms, end, d))
     overlaps = 0
     for sym, spans in permits.items():
         spans.sort(key=lambda s: s[0])
@@ -207,7 +188,7 @@ def check_capital(facts: Facts) -> CheckResult:
         d = next((x for x in ds if x.decision == "PERMIT" and x.action == "OPEN"), None)
         if d is None:
             continue
-        notional = _plan_notional(facts, pid)
+        notional = facts.notional(pid)
         if notional is None:
             continue
         if notional > cfg.max_notional_per_trade + 1e-9:
@@ -225,55 +206,64 @@ def check_capital(facts: Facts) -> CheckResult:
     for o in facts.orders:
         events.append((o.wall_ms, 2, "order", o))
     events.sort(key=lambda e: (e[0], e[1]))
-    pending: dict[str, tuple[str, float]] = {}
-    open_notional: dict[str, float] = defaultdict(float)
+    # Running totals (open + permitted, overall and per symbol), O(1) per event, kept in
+    # integer micro-units so that a million additions and removals do not drift.
+    pending: dict[str, tuple[str, int]] = {}
+    open_on: dict[str, int] = defaultdict(int)
+    pending_on: dict[str, int] = defaultdict(int)
+    total = 0
+    max_total = _micro(cfg.max_total_notional)
+    max_on = _micro(alloc_cap)
+
+    def unpend(pid: str) -> int:
+        sym, n = pending.pop(pid, ("", 0))
+        if sym:
+            pending_on[sym] -= n
+        return n
+
     for _ms, _k, kind, x in events:
         if kind == "permit":
             pid, d, notional = x
-            pending[pid] = (d.symbol, notional)
-            total = sum(open_notional.values()) + sum(n for _s, n in pending.values())
-            if total > cfg.max_total_notional + 1e-6:
+            n = _micro(notional)
+            total -= unpend(pid)
+            pending[pid] = (d.symbol, n)
+            pending_on[d.symbol] += n
+            total += n
+            if total > max_total + 1:
                 vs.append(Violation("capital", d.entry_ms, d.symbol, (pid,),
                                     f"<= {cfg.max_total_notional} open + permitted",
-                                    f"{total:.2f}", f"OPEN {pid} permitted with {total:.2f} "
-                                    f"open + permitted in total", (_decision_event(d),),
-                                    tuple(facts.fault_at(d.entry_ms))))
+                                    f"{total / 1e6:.2f}", f"OPEN {pid} permitted with "
+                                    f"{total / 1e6:.2f} open + permitted in total",
+                                    (_decision_event(d),), tuple(facts.fault_at(d.entry_ms))))
             if enforce_alloc and alloc_cap > 0:
-                on_sym = open_notional[d.symbol] + sum(n for s, n in pending.values()
-                                                       if s == d.symbol)
-                if on_sym > alloc_cap + 1e-6:
+                on_sym = open_on[d.symbol] + pending_on[d.symbol]
+                if on_sym > max_on + 1:
                     vs.append(Violation("capital", d.entry_ms, d.symbol, (pid,),
                                         f"<= {alloc_cap:.2f} on {d.symbol} (capital x "
-                                        f"allocation_pct)", f"{on_sym:.2f}",
-                                        f"OPEN {pid} permitted with {on_sym:.2f} open + "
+                                        f"allocation_pct)", f"{on_sym / 1e6:.2f}",
+                                        f"OPEN {pid} permitted with {on_sym / 1e6:.2f} open + "
                                         f"permitted on {d.symbol}", (_decision_event(d),),
                                         tuple(facts.fault_at(d.entry_ms))))
         elif kind == "settle":
-            pending.pop(x, None)
+            total -= unpend(x)
         else:
             o: LedgerOrder = x
-            pending.pop(o.plan_id, None)
+            total -= unpend(o.plan_id)
             if not o.executed:
                 continue
+            before = open_on[o.symbol]
             if o.action == "OPEN":
-                open_notional[o.symbol] += o.notional
+                open_on[o.symbol] = before + _micro(o.notional)
             elif o.effect == "close":
-                open_notional[o.symbol] = 0.0
+                open_on[o.symbol] = 0
             elif o.effect == "flip":
-                open_notional[o.symbol] = o.notional
+                open_on[o.symbol] = _micro(o.notional)
+            total += open_on[o.symbol] - before
     return _finish("capital", vs, {"allocation_enforced": enforce_alloc})
 
 
-def _plan_notional(facts: Facts, plan_id: str) -> float | None:
-    s = facts.submits.get(plan_id)
-    raw = (s.fields.get("notional") if s else None)
-    if raw is None:
-        entries = facts.plan_entries.get(plan_id)
-        raw = entries[0][1].get("notional") if entries else None
-    try:
-        return float(raw) if raw is not None else None
-    except (TypeError, ValueError):
-        return None
+def _micro(x: float) -> int:
+    return round(x * 1_000_000)
 
 
 # -- fresh intent ---------------------------------------------------------------------------
@@ -285,7 +275,7 @@ def check_fresh_intent(facts: Facts) -> CheckResult:
         for d in ds:
             if d.decision != "PERMIT":
                 continue
-            created = _created_ms(facts, pid)
+            created = facts.created_ms(pid)
             if created is None:
                 continue
             checked += 1
@@ -297,18 +287,6 @@ def check_fresh_intent(facts: Facts) -> CheckResult:
                                     f"created", (_decision_event(d),),
                                     tuple(facts.fault_at(d.entry_ms))))
     return _finish("fresh_intent", vs, {"permits_checked": checked})
-
-
-def _created_ms(facts: Facts, plan_id: str) -> int | None:
-    s = facts.submits.get(plan_id)
-    raw = s.fields.get("intent_created_at_ms") if s else None
-    if raw is None:
-        entries = facts.plan_entries.get(plan_id)
-        raw = entries[0][1].get("intent_created_at_ms") if entries else None
-    try:
-        return int(raw) if raw is not None else None
-    except (TypeError, ValueError):
-        return None
 
 
 # -- one decision ---------------------------------------------------------------------------
@@ -343,7 +321,7 @@ def check_one_decision(facts: Facts, deadline_ms: int = 60_000) -> CheckResult:
             continue  # the plan may have been lost with Redis's data: unknown, not invalid
         if s.wall_ms > end_ms:
             continue
-        vs.append(Violation("one_decision", s.wall_ms, s.fields.get("symbol"), (pid,),
+        vs.append(Violation("one_decision", s.wall_ms, s.symbol, (pid,),
                             "exactly one decision", "none", f"plan {pid} was never decided",
                             ({"what": "submit", "plan_id": pid, "wall_ms": s.wall_ms},),
                             tuple(facts.fault_at(s.wall_ms))))
@@ -360,8 +338,8 @@ def check_one_decision(facts: Facts, deadline_ms: int = 60_000) -> CheckResult:
                    not vs else "")
 
 
-def _answerable(s: Any) -> bool:
-    pid = s.fields.get("plan_id")
+def _answerable(s: Submit) -> bool:
+    pid = s.plan_id
     return isinstance(pid, str) and 0 < len(pid) <= 64 and all(
         c.isalnum() or c in "_.:-" for c in pid)
 

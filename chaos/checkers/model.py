@@ -29,7 +29,7 @@ Governor models: which history events become which operations
 --------------------------------------------------------------
 All built from :class:`~chaos.checkers.facts.Facts` by :func:`slots_ops` and
 :func:`exit_lock_ops`. A decision's call is the plan's first stream entry time
-(``plan_entries[pid][0][0]``; the decision time minus 1 ms when absent), its
+(``plans[pid].entry_ms``; the decision time minus 1 ms when absent), its
 return the decision's stream-entry time: the governor decided somewhere in
 between.
 
@@ -354,8 +354,8 @@ def _first_decision(ds: list[Decision]) -> Decision | None:
 
 
 def _call_ms(facts: Facts, pid: str, d: Decision) -> int:
-    entries = facts.plan_entries.get(pid)
-    call = entries[0][0] if entries else d.entry_ms - 1
+    entry = facts.plans.get(pid)
+    call = entry.entry_ms if entry else d.entry_ms - 1
     return min(call, d.entry_ms)
 
 
@@ -438,7 +438,7 @@ def exit_lock_ops(facts: Facts) -> tuple[ExitLockModel, list[Operation]]:
         o = first_order.get(pid)
         ends = [o.wall_ms] if o is not None else []
         ends += [ms for s, ms in facts.takes.get(pid, ()) if s == "fail"]
-        ends += [ms for ms, r in facts.results.get(pid, ()) if r.get("status") != "executed"]
+        ends += [ms for ms, status in facts.results.get(pid, ()) if status != "executed"]
         end = max(min(ends) if ends else d.entry_ms + ttl, d.entry_ms)
         effect = o.effect if o is not None and o.wall_ms == end else "none"
         ops.append(Operation(pid, ("unlock", d.symbol, effect), end, "ok"))
