@@ -15,9 +15,9 @@ the same fields (see a run's ``history/``): submit invoke (the plan) and ok
 and result. The history is valid.
 
 Each measurement runs in its own subprocess (peak RSS via getrusage):
-``chaos.checkers.check_run(run_dir, write=False)`` (median of 3 rounds for 10^4
-and 10^5, 1 round for 10^6), and ``check_model`` on the same facts for sizes up
-to 10^5. Then the linearizability checker on a 100,000-operation per-symbol
+``chaos.checkers.check_run(run_dir, write=False, models=False)``, the invariant
+checkers with their gather pass (median of 3 rounds), and ``check_model`` on the
+same facts for sizes up to 10^5. Then the linearizability checker on a 100,000-operation per-symbol
 exit-lock history (1,000 symbols, overlapping busy blocks), median of 3.
 """
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import shutil
@@ -168,6 +169,8 @@ def measure(run_dir: str, with_model: bool) -> dict[str, object]:
         out["model_valid"] = {k: r.valid for k, r in res.items()}
         out["model_ops"] = sum(r.stats["ops"] for r in res.values())
     out["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # The scan workers' peak (the largest one), for long histories scanned in parallel.
+    out["worker_maxrss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return out
 
 
@@ -237,31 +240,40 @@ def main() -> None:
                 info = make_run(run_dir, n)
                 print(f"generated {info['ops']} ops / {info['plans']} plans in "
                       f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
-            rounds = 3 if n <= 100_000 else 1
+            rounds = 3
             ms = [_sub(["--measure", str(run_dir)] + (["--with-model"] if n <= 100_000 else []))
                   for _ in range(rounds)]
             med = statistics.median(m["check_run_s"] for m in ms)
             mod = (statistics.median(m["model_s"] for m in ms) if "model_s" in ms[0] else None)
             rows.append({"n": ms[0]["ops"], "rounds": rounds, "check_run_s": med,
                          "events_per_s": ms[0]["ops"] / med, "valid": ms[0]["valid"],
-                         "rss_mb": max(m["maxrss_mb"] for m in ms), "model_s": mod,
+                         "rss_mb": max(m["maxrss_mb"] for m in ms),
+                         "worker_rss_mb": max(m["worker_maxrss_mb"] for m in ms), "model_s": mod,
                          "model_ops": ms[0].get("model_ops"),
                          "model_valid": ms[0].get("model_valid")})
         m = _sub(["--model-only"])
     finally:
         if not a.keep:
             shutil.rmtree(base, ignore_errors=True)
-    print(f"{'history ops':>12} {'rounds':>6} {'check_run s':>11} {'events/s':>10} "
-          f"{'growth':>7} {'peak RSS MB':>11} {'valid':>6}  check_model (ops, s, valid)")
+    print(f"{'history ops':>12} {'rounds':>6} {'check s':>8} {'events/s':>10} "
+          f"{'growth':>7} {'n log n':>7} {'RSS MB':>7} {'worker':>7} {'valid':>6}  "
+          f"check_model (ops, s, valid)")
     prev = None
     for r in rows:
-        growth = f"{r['check_run_s'] / prev:.1f}x" if prev else "-"
-        prev = r["check_run_s"]
+        if prev:
+            growth = f"{r['check_run_s'] / prev['check_run_s']:.1f}x"
+            nlogn = f"{r['n'] * math.log(r['n']) / (prev['n'] * math.log(prev['n'])):.1f}x"
+        else:
+            growth = nlogn = "-"
+        prev = r
         model = (f"{r['model_ops']} ops, {r['model_s']:.2f} s, {r['model_valid']}"
                  if r["model_s"] is not None else "not run")
-        print(f"{r['n']:>12} {r['rounds']:>6} {r['check_run_s']:>11.2f} "
-              f"{r['events_per_s']:>10.0f} {growth:>7} {r['rss_mb']:>11.0f} "
-              f"{str(r['valid']):>6}  {model}")
+        print(f"{r['n']:>12} {r['rounds']:>6} {r['check_run_s']:>8.2f} "
+              f"{r['events_per_s']:>10.0f} {growth:>7} {nlogn:>7} {r['rss_mb']:>7.0f} "
+              f"{r['worker_rss_mb']:>7.0f} {str(r['valid']):>6}  {model}")
+    print("check s: median wall time of check_run(models=False) (gather + the seven invariant "
+          "checkers), each round in a fresh process; RSS: that process's peak; worker: the "
+          "peak of its largest scan worker (long histories are scanned in parallel)")
     print(f"exit-lock model, {m['ops']} ops per symbol (1000 symbols): median "
           f"{m['median_s']:.2f} s over 3, valid={m['valid']}, peak RSS {m['maxrss_mb']:.0f} MB")
 

@@ -31,6 +31,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from itertools import starmap
 from pathlib import Path
 from typing import Any
 
@@ -220,15 +221,17 @@ def load_ledger(run_dir: Path) -> list[LedgerOrder]:
     try:
         cols = {r[1] for r in con.execute("PRAGMA table_info(orders)")}
         wall = "wall_ms" if "wall_ms" in cols else "t_wall_ms"
+        # Conversions in SQL, then one C-level loop building the records.
         rows = con.execute(
-            f"SELECT seq, plan_id, symbol, action, side, notional, fence, effect, position_id, "
-            f"open_count_after, {wall}, issued_at_ms FROM orders ORDER BY seq").fetchall()
+            f"SELECT CAST(seq AS INTEGER), COALESCE(plan_id, ''), COALESCE(symbol, ''), "
+            f"COALESCE(action, ''), COALESCE(side, ''), CAST(COALESCE(notional, 0) AS REAL), "
+            f"COALESCE(CAST(fence AS TEXT), ''), COALESCE(effect, ''), "
+            f"COALESCE(position_id, ''), CAST(COALESCE(open_count_after, 0) AS INTEGER), "
+            f"CAST(COALESCE({wall}, 0) AS INTEGER), CAST(issued_at_ms AS INTEGER) "
+            f"FROM orders ORDER BY seq").fetchall()
     finally:
         con.close()
-    return [LedgerOrder(int(r[0]), r[1] or "", r[2] or "", r[3] or "", r[4] or "",
-                        float(r[5] or 0), "" if r[6] is None else str(r[6]), r[7] or "",
-                        r[8] or "", int(r[9] or 0), int(r[10] or 0),
-                        None if r[11] is None else int(r[11])) for r in rows]
+    return list(starmap(LedgerOrder, rows))
 
 
 class HistoryError(ValueError):
