@@ -84,8 +84,8 @@ class RunResult:
     error: str | None = None
 
 
-def default_run_dir(name: str) -> Path:
-    base = ROOT_REPORTS / name
+def default_run_dir(name: str, root: Path = ROOT_REPORTS) -> Path:
+    base = root / name
     stamp = time.strftime("%Y%m%dT%H%M%S")
     d = base / stamp
     n = 1

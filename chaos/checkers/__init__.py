@@ -83,7 +83,14 @@ def check_run(run_dir: str | Path, write: bool = True, models: bool = True,
     facts = gather(run_dir)
     with gc_paused():
         results = {name: fn(facts) for name, fn in CHECKERS.items()}
-    values = [r.valid for r in results.values()]
+    # Checks the run cannot support (an import has no liveness probe) stay listed, unknown,
+    # and out of the verdict.
+    skipped = set(facts.meta.get("checks_skipped") or ())
+    for name in skipped & results.keys():
+        r = results[name]
+        results[name] = CheckResult(name, None, [], r.stats, "skipped for this run (run.json "
+                                    "checks_skipped)" + (f": {r.note}" if r.note else ""))
+    values = [r.valid for name, r in results.items() if name not in skipped]
     valid: bool | None = False if False in values else (None if None in values else True)
     status = facts.meta.get("status")
     if status not in (None, "complete") and valid is True:

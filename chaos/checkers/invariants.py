@@ -292,7 +292,10 @@ def check_fresh_intent(facts: Facts) -> CheckResult:
 # -- one decision ---------------------------------------------------------------------------
 def check_one_decision(facts: Facts, deadline_ms: int = 60_000) -> CheckResult:
     vs: list[Violation] = []
-    end_ms = facts.phases.get("heal", {}).get("ok") or facts.last_ms or 0
+    # Plans submitted after the faults healed (or, in an import, after the cutoff: the last
+    # entry minus the deadline) may still be waiting for their decision.
+    end_ms = (facts.phases.get("heal", {}).get("ok") or facts.phases.get("cutoff", {}).get("ok")
+              or facts.last_ms or 0)
     data_lost = facts.stream_resets > 0
     expected = 0
     for pid, s in facts.submits.items():
