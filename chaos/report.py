@@ -973,6 +973,8 @@ def _header_rows(ctx: _Ctx) -> list[tuple[str, str]]:
         dur.append(f"run {(m['ended_wall_ms'] - m['started_wall_ms']) / 1000:.1f} s")
     redis = m.get("redis") or {}
     probe = m.get("probe") or {}
+    if m.get("kind") == "import":
+        return _import_header_rows(ctx)
     rows = [
         ("scenario", f"{m.get('scenario', '?')}"
                      + (f" — {m['scenario_spec']['description']}"
@@ -1004,6 +1006,33 @@ def _header_rows(ctx: _Ctx) -> list[tuple[str, str]]:
                              f"(operations of an earlier attempt in this directory?)"))
     if f.stream_resets:
         rows.append(("stream resets", f"{f.stream_resets} (Redis lost data)"))
+    rows.append(("run directory", str(f.run_dir)))
+    return rows
+
+
+def _import_header_rows(ctx: _Ctx) -> list[tuple[str, str]]:
+    """The header of an imported history: where it came from, its window, its caveats."""
+    m, f = ctx.meta, ctx.facts
+    w = m.get("window") or {}
+    span = (f"{_iso(w.get('first_entry_ms'))} to {_iso(w.get('last_entry_ms'))}"
+            if w.get("first_entry_ms") else "?")
+    ledger = m.get("ledger") or {}
+    rows = [
+        ("source", f"{(m.get('redis') or {}).get('url') or m.get('source', '?')}, prefix "
+                   f"{m.get('prefix', '?')} (imported, read-only)"),
+        ("window", f"{span} (--since {w.get('since') or '-'}, --until {w.get('until') or '-'})"),
+        ("verdict", _VERDICT_WORD[ctx.verdict.valid]),
+        ("history", f"{f.ops} operations, {len(f.plans)} plans, "
+                    f"{sum(len(x) for x in f.decisions.values())} decisions, {len(f.orders)} "
+                    f"orders derived from {ledger.get('derived_from', 'apply.result')}"),
+        ("regime", str((m.get("regime") or {}).get("value") or "BASE") + " (as read at import "
+                   "time; its history is unknown)"),
+        ("time 0", f"{ctx.t0_source} ({_iso(ctx.t0)})"),
+    ]
+    diff = m.get("mirror_vs_replay") or {}
+    if any(diff.values()):
+        rows.append(("mirror vs replay", ", ".join(f"{k}: {v}" for k, v in diff.items() if v)))
+    rows += [("caveat", c) for c in m.get("caveats") or ()]
     rows.append(("run directory", str(f.run_dir)))
     return rows
 

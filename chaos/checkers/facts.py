@@ -23,15 +23,17 @@ from __future__ import annotations
 import gc
 import json
 import os
-import pickle
+import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from itertools import starmap
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -100,8 +102,6 @@ class PlanEntry(msgspec.Struct):
     """The first entry of a plan id in the plan stream, as the recorder read it."""
 
     entry_ms: int = 0  # the entry's stream id time
-    action: Any = None
-    symbol: Any = None
     source: Any = None
     intent_created_at_ms: Any = None
     notional: Any = None
@@ -142,6 +142,7 @@ class Facts:
     meta: dict[str, Any] = field(default_factory=dict)
     first_ms: int | None = None
     last_ms: int | None = None
+    _first_order: dict[str, int] | None = field(default=None, repr=False)
 
     def fault_at(self, ms: int) -> list[str]:
         """The faults active at ``ms`` (for telling whether a violation came under a fault)."""
@@ -189,6 +190,13 @@ class Facts:
         except (TypeError, ValueError):
             return None
 
+    def first_order_ms(self) -> dict[str, int]:
+        """Each plan's first order reaching the exchange (built once; C-level loops)."""
+        if self._first_order is None:
+            rev = self.orders[::-1]  # the first of a plan's orders is the one a dict keeps
+            self._first_order = dict(zip(map(_PLAN_ID, rev), map(_WALL_MS, rev), strict=True))
+        return self._first_order
+
     def close_permit_spans(self) -> Iterator[tuple[Decision, int, bool]]:
         """Each CLOSE permit with the time it stopped being outstanding.
 
@@ -198,9 +206,7 @@ class Facts:
         ``permit_ttl_ms`` (``lapsed`` True). Never before the permit itself.
         """
         ttl = self.config.permit_ttl_ms
-        first_order: dict[str, int] = {}
-        for o in self.orders:
-            first_order.setdefault(o.plan_id, o.wall_ms)
+        first_order = self.first_order_ms()
         for pid, ds in self.decisions.items():
             d = next((x for x in ds if x.decision == "PERMIT" and x.action == "CLOSE"), None)
             if d is None:
@@ -241,12 +247,11 @@ class HistoryError(ValueError):
 # The operations as the scan decodes them: one class per ``f`` (msgspec picks it by the
 # tag), with only the value fields a checker reads.
 class _Op(msgspec.Struct, tag_field="f"):
+    # Only what the hot operations need: every field decoded is a string to build.
     type: str = ""
-    process: str = ""
     time_ns: int = 0
     wall_ms: int = 0
     key: Any = None
-    symbol: Any = None
 
 
 class _SubmitVal(msgspec.Struct):
@@ -286,6 +291,8 @@ class _OrderOp(_Op, tag=str(F.ORDER)):
 class _OrderedOp(_Op):
     """Operations whose meaning depends on the order of others: replayed in time order."""
 
+    process: str = ""
+    symbol: Any = None
     value: dict[str, Any] | None = None
 
 
@@ -310,7 +317,7 @@ class _GovernorOp(_OrderedOp, tag=str(F.GOVERNOR)):
 
 
 class _OtherOp(_Op, tag="?"):
-    pass  # an ``f`` no checker reads: counted only
+    process: str = ""  # an ``f`` no checker reads: counted only
 
 
 _KINDS = (_DecisionOp, _SubmitOp, _PlanOp, _TakeOp, _ResultOp, _OrderOp, _OperatorOp,
@@ -318,6 +325,7 @@ _KINDS = (_DecisionOp, _SubmitOp, _PlanOp, _TakeOp, _ResultOp, _OrderOp, _Operat
 _BY_F = {c.__struct_config__.tag: c for c in _KINDS}
 _AnyOp = _DecisionOp | _SubmitOp | _PlanOp | _TakeOp | _ResultOp | _OrderOp | _OperatorOp \
     | _FaultOp | _ProbeOp | _PhaseOp | _GovernorOp
+_AnyOrdered = _OperatorOp | _FaultOp | _ProbeOp | _PhaseOp | _GovernorOp
 
 
 @dataclass
@@ -327,25 +335,65 @@ class _Scan:
     ops: int = 0
     first_ms: int | None = None
     last_ms: int | None = None
-    invokes: dict[str, tuple[int, Submit]] = field(default_factory=dict)  # last invoke
-    completions: dict[str, tuple[int, str, int]] = field(default_factory=dict)  # last one
-    plans: dict[str, PlanEntry] = field(default_factory=dict)
-    decisions: dict[str, list[Decision]] = field(default_factory=dict)
-    takes: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
-    results: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
-    ordered: list[tuple[int, str, _OrderedOp]] = field(default_factory=list)
+    # Keyed by plan id (Any: a hand-written history may use numbers). The types are exact:
+    # a worker's scan travels to the parent as msgpack, decoded against them.
+    invokes: dict[Any, tuple[int, Submit]] = field(default_factory=dict)  # last invoke
+    completions: dict[Any, tuple[int, str, int]] = field(default_factory=dict)  # last one
+    plans: dict[Any, PlanEntry] = field(default_factory=dict)
+    decisions: dict[Any, list[Decision]] = field(default_factory=dict)
+    takes: dict[Any, list[tuple[str, int]]] = field(default_factory=dict)
+    results: dict[Any, list[tuple[int, Any]]] = field(default_factory=dict)
+    ordered: list[tuple[int, str, _AnyOrdered]] = field(default_factory=list)
 
 
-def _blocks(path: Path, block: int = 4 << 20) -> Iterator[list[bytes]]:
-    """The complete lines of a history file, in blocks (a torn last line is left out)."""
+_SCAN_DECODER = msgspec.msgpack.Decoder(_Scan)
+
+
+def encode_scan(sc: _Scan) -> bytes:
+    """A worker's scan as msgpack (five times faster than pickling the Structs)."""
+    return msgspec.msgpack.encode(sc)
+
+
+def decode_scan(data: bytes) -> _Scan:
+    return _SCAN_DECODER.decode(data)
+
+
+# A part of a history file: path, first byte, end byte (None: to the end of the file).
+# Parts of one file may be scanned by different workers: a plan's facts do not depend on
+# the order they are read in (see the module's docstring).
+Segment = tuple[str, int, int | None]
+
+
+def _blocks(seg: Segment, block: int = 4 << 20) -> Iterator[bytes]:
+    """A part of a history file in blocks of complete lines (a torn last line, which only
+    the end of a file can have, is left out)."""
+    path, start, end = seg
     with open(path, "rb") as fh:
+        fh.seek(start)
+        left = -1 if end is None else end - start
         rest = b""
-        while chunk := fh.read(block):
+        while left != 0 and (chunk := fh.read(block if left < 0 else min(block, left))):
+            if left > 0:
+                left -= len(chunk)
             chunk = rest + chunk
             cut = chunk.rfind(b"\n") + 1
             rest = chunk[cut:]
-            yield chunk[:cut].split(b"\n")[:-1]
+            if cut:
+                yield chunk[:cut]
         # ``rest`` is the torn last line of a killed writer: everything before it stands.
+
+
+class _BadLine(Exception):
+    def __init__(self, n: int, msg: str) -> None:
+        super().__init__(msg)
+        self.n, self.msg = n, msg
+
+
+def _line_error(seg: Segment, bad: _BadLine) -> HistoryError:
+    path, start, _end = seg
+    with open(path, "rb") as fh:
+        base = fh.read(start).count(b"\n") if start else 0
+    return HistoryError(f"{path}:{base + bad.n}: {bad.msg}")
 
 
 class _Decoders:
@@ -354,12 +402,14 @@ class _Decoders:
         self.one = msgspec.json.Decoder(_AnyOp)
         self.generic = msgspec.json.Decoder()
 
-    def decode(self, lines: list[bytes], path: Path, first_line: int) -> list[_Op]:
-        """A block of lines at once; line by line (and leniently) when that fails."""
+    def decode(self, block: bytes, first_line: int) -> list[_Op]:
+        """A block of lines at once, as one JSON array; line by line (and leniently) when
+        that fails."""
         try:
-            return self.block.decode(b"[" + b",".join(x for x in lines if x.strip()) + b"]")
+            return self.block.decode(b"[" + block[:-1].replace(b"\n", b",") + b"]")
         except msgspec.MsgspecError:
             pass
+        lines = block.split(b"\n")[:-1]
         out: list[_Op] = []
         for n, line in enumerate(lines, first_line):
             if not line.strip():
@@ -367,17 +417,17 @@ class _Decoders:
             try:
                 out.append(self.one.decode(line))
             except msgspec.ValidationError:
-                out.append(self._loose(line, path, n))
+                out.append(self._loose(line, n))
             except msgspec.DecodeError as exc:
-                raise HistoryError(f"{path}:{n}: not a history operation: {exc}") from None
+                raise _BadLine(n, f"not a history operation: {exc}") from None
         return out
 
-    def _loose(self, line: bytes, path: Path, n: int) -> _Op:
+    def _loose(self, line: bytes, n: int) -> _Op:
         """A line with an unknown ``f`` or fields of unexpected types (hand-written,
         imported): keep what can be read, field by field."""
         d = self.generic.decode(line)
         if not isinstance(d, dict) or "f" not in d or "type" not in d:
-            raise HistoryError(f"{path}:{n}: not a history operation (needs 'type' and 'f')")
+            raise _BadLine(n, "not a history operation (needs 'type' and 'f')")
         cls = _BY_F.get(str(d["f"]), _OtherOp)
         kw: dict[str, Any] = {}
         for fld in msgspec.structs.fields(cls):
@@ -386,8 +436,7 @@ class _Decoders:
                     kw[fld.name] = _lenient(d[fld.name], fld.type)
                 except msgspec.ValidationError:
                     if fld.name in ("time_ns", "wall_ms"):
-                        raise HistoryError(f"{path}:{n}: bad {fld.name} {d[fld.name]!r}"
-                                           ) from None
+                        raise _BadLine(n, f"bad {fld.name} {d[fld.name]!r}") from None
         return cls(**kw)
 
 
@@ -409,30 +458,46 @@ def _lenient(x: Any, typ: Any) -> Any:
 
 
 _PB = frozenset(("PERMIT", "BLOCK"))
+_WALL_MS = attrgetter("wall_ms")
+_PLAN_ID = attrgetter("plan_id")
 
 
-def _scan(paths: Iterable[str | Path]) -> _Scan:
+def _scan(segments: Iterable[Segment]) -> _Scan:
     decoders = _Decoders()
     sc = _Scan()
     invokes, completions, plans = sc.invokes, sc.completions, sc.plans
     decisions, takes, results, ordered = sc.decisions, sc.takes, sc.results, sc.ordered
     first, last = 2**63, -(2**63)
     ops = 0
-    for path in map(Path, paths):
+    for seg in segments:
         line_no = 1
-        for lines in _blocks(path):
-            objs = decoders.decode(lines, path, line_no)
-            line_no += len(lines)
+        for block in _blocks(seg):
+            try:
+                objs = decoders.decode(block, line_no)
+            except _BadLine as bad:
+                raise _line_error(seg, bad) from None
+            line_no += block.count(b"\n")
+            if not objs:
+                continue
             ops += len(objs)
+            first = min(first, min(map(_WALL_MS, objs)))
+            last = max(last, max(map(_WALL_MS, objs)))
             for o in objs:
                 cls = o.__class__
                 ms = o.wall_ms
-                if ms < first:
-                    first = ms
-                if ms > last:
-                    last = ms
                 key = o.key
-                if cls is _DecisionOp:
+                if cls is _SubmitOp:
+                    if key is None:
+                        key = ""
+                    if o.type == "invoke":
+                        v = o.value
+                        p = (v.plan if v is not None else None) or _NO_PLAN
+                        invokes[key] = (o.time_ns, Submit(
+                            "invoke", ms, p.plan_id, p.symbol, p.notional,
+                            p.intent_created_at_ms, v.malformed if v is not None else None))
+                    else:
+                        completions[key] = (o.time_ns, o.type, ms)
+                elif cls is _DecisionOp:
                     d = o.value
                     if key and d is not None and d.decision in _PB:
                         if not d.entry_ms:
@@ -444,17 +509,6 @@ def _scan(paths: Iterable[str | Path]) -> _Scan:
                             decisions[key] = [d]
                         else:
                             ds.append(d)
-                elif cls is _SubmitOp:
-                    if key is None:
-                        key = ""
-                    if o.type == "invoke":
-                        v = o.value
-                        p = (v.plan if v is not None else None) or _NO_PLAN
-                        invokes[key] = (o.time_ns, Submit(
-                            "invoke", ms, p.plan_id, p.symbol, p.notional,
-                            p.intent_created_at_ms, v.malformed if v is not None else None))
-                    else:
-                        completions[key] = (o.time_ns, o.type, ms)
                 elif cls is _PlanOp:
                     e = o.value
                     if key and e is not None:
@@ -525,16 +579,16 @@ def _merge(facts: Facts, scans: list[_Scan]) -> list[tuple[int, str, _OrderedOp]
                     else:
                         dst[k] = xs
         ordered.extend(sc.ordered)
-    if len(scans) > 1:
-        for ds in facts.decisions.values():
-            if len(ds) > 1:
-                ds.sort(key=lambda d: (d.entry_ms, d.entry_id))
-        for ts in facts.takes.values():
-            if len(ts) > 1:
-                ts.sort(key=lambda t: t[1])
-        for rs in facts.results.values():
-            if len(rs) > 1:
-                rs.sort(key=lambda r: r[0])
+    # Files (and parts of files) are scanned in no particular order: lists in time order.
+    for ds in facts.decisions.values():
+        if len(ds) > 1:
+            ds.sort(key=lambda d: (d.entry_ms, d.entry_id))
+    for ts in facts.takes.values():
+        if len(ts) > 1:
+            ts.sort(key=lambda t: t[1])
+    for rs in facts.results.values():
+        if len(rs) > 1:
+            rs.sort(key=lambda r: r[0])
     # A submit's status is its last completion, when that came after its last invoke.
     for k, (t_inv, s) in invokes.items():
         c = completions.get(k)
@@ -549,30 +603,98 @@ def _merge(facts: Facts, scans: list[_Scan]) -> list[tuple[int, str, _OrderedOp]
 PARALLEL_BYTES = 48 * 1024 * 1024
 
 
-def _plan_workers(files: list[Path], workers: int | None) -> list[list[Path]]:
-    sizes = [(p.stat().st_size, p) for p in files]
-    total = sum(s for s, _ in sizes)
+def _plan_workers(files: list[Path], workers: int | None) -> list[list[Segment]]:
+    """Split the files into ``workers`` shares of about equal bytes, cut at line ends."""
+    sizes = [p.stat().st_size for p in files]
+    total = sum(sizes)
     if workers is None:
         workers = min(os.cpu_count() or 1, 4) if total >= PARALLEL_BYTES else 1
-    workers = max(1, min(workers, len(files)))
-    groups: list[list[Path]] = [[] for _ in range(workers)]
-    load = [0] * workers
-    for size, p in sorted(sizes, key=lambda x: x[0], reverse=True):  # largest first
-        i = load.index(min(load))
-        groups[i].append(p)
-        load[i] += size
+    whole: list[Segment] = [(str(p), 0, None) for p in files]
+    if workers <= 1 or total == 0:
+        return [whole]
+    share = total // workers + 1
+    groups: list[list[Segment]] = [[]]
+    room = share
+    for p, size in zip(files, sizes, strict=True):
+        start = 0
+        while size - start > room and len(groups) < workers:
+            cut = _line_end(p, start + room)
+            if cut >= size:
+                break
+            groups[-1].append((str(p), start, cut))
+            start = cut
+            groups.append([])
+            room = share
+        groups[-1].append((str(p), start, None))
+        room -= size - start
     return [g for g in groups if g]
+
+
+def _line_end(path: Path, at: int) -> int:
+    """The offset just after the first line end at or after ``at``."""
+    with open(path, "rb") as fh:
+        fh.seek(at)
+        fh.readline()
+        return fh.tell()
 
 
 def _scan_files(files: list[Path], workers: int | None) -> list[_Scan]:
     groups = _plan_workers(files, workers)
     if len(groups) <= 1:
-        return [_scan(files)]
-    # Each worker is a fresh interpreter reading its files and pickling its facts to stdout:
-    # no fork of a caller that may have threads, no re-import of the caller's __main__
-    # (a notebook, a script on stdin), which multiprocessing's spawn would need.
+        return [_scan(groups[0] if groups else [])]
+    if hasattr(os, "fork") and threading.active_count() == 1:
+        return _scan_forked(groups)
+    return _scan_spawned(groups)
+
+
+def _scan_forked(groups: list[list[Segment]]) -> list[_Scan]:
+    """Scan in forked children (a few ms to start), this process taking the first share.
+
+    Only when this process has no other thread, so no lock can be held at the fork. A
+    child pickles ``("ok", scan)`` or ``("error", message)`` into its pipe and leaves with
+    ``os._exit`` (no atexit handlers, no flushing of the parent's buffers)."""
+    children: list[tuple[int, int]] = []
+    try:
+        for g in groups[1:]:
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the child
+                os.close(r)
+                code = 0
+                try:
+                    try:
+                        out = b"K" + encode_scan(_scan(g))
+                    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+                        out = b"E" + f"{type(exc).__name__}: {exc}".encode()
+                        code = 1
+                    with os.fdopen(w, "wb") as fh:
+                        fh.write(out)
+                finally:
+                    os._exit(code)
+            os.close(w)
+            children.append((pid, r))
+        scans = [_scan(groups[0])]
+        for _pid, r in children:
+            with os.fdopen(r, "rb", closefd=False) as fh:
+                data = fh.read()
+            if data[:1] != b"K":
+                raise HistoryError(data[1:].decode(errors="replace") or "scan worker died")
+            scans.append(decode_scan(data[1:]))
+        return scans
+    finally:
+        for pid, r in children:
+            with suppress(OSError):
+                os.close(r)
+            with suppress(ChildProcessError):
+                if os.waitpid(pid, os.WNOHANG) == (0, 0):
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+
+
+def _scan_spawned(groups: list[list[Segment]]) -> list[_Scan]:
+    """Scan in fresh interpreters (~0.1 s to start) that write their scan to stdout."""
     procs = [subprocess.Popen([sys.executable, "-m", "chaos.checkers.scan_worker",
-                               *map(str, g)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                               json.dumps(g)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for g in groups[1:]]
     try:
         scans = [_scan(groups[0])]  # this process takes a share too
@@ -581,7 +703,7 @@ def _scan_files(files: list[Path], workers: int | None) -> list[_Scan]:
             if proc.returncode != 0:
                 raise HistoryError(err.decode(errors="replace").strip().splitlines()[-1]
                                    if err.strip() else f"scan worker exited {proc.returncode}")
-            scans.append(pickle.loads(out))
+            scans.append(decode_scan(out))
     finally:
         for proc in procs:
             if proc.poll() is None:

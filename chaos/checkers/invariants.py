@@ -183,7 +183,7 @@ def check_capital(facts: Facts) -> CheckResult:
     alloc_cap = facts.capital * facts.allocation_pct
     # Timeline of OPEN permits (Redis time) and executions (ledger): open + permitted notional.
     opens_exec = {o.plan_id: o for o in facts.orders if o.action == "OPEN" and o.executed}
-    events: list[tuple[int, int, str, Any]] = []
+    events: list[tuple[int, int, int, str, Any]] = []
     for pid, ds in facts.decisions.items():
         d = next((x for x in ds if x.decision == "PERMIT" and x.action == "OPEN"), None)
         if d is None:
@@ -201,11 +201,11 @@ def check_capital(facts: Facts) -> CheckResult:
         took_fail = any(s == "fail" for s, _ in facts.takes.get(pid, ()))
         end = o.wall_ms if o else (min((ms for s, ms in facts.takes[pid] if s == "fail"))
                                    if took_fail else d.entry_ms + cfg.permit_ttl_ms)
-        events.append((d.entry_ms, 0, "permit", (pid, d, notional)))
-        events.append((max(end, d.entry_ms), 1, "settle", pid))
+        events.append((d.entry_ms, 0, len(events), "permit", (pid, d, notional)))
+        events.append((max(end, d.entry_ms), 1, len(events), "settle", pid))
     for o in facts.orders:
-        events.append((o.wall_ms, 2, "order", o))
-    events.sort(key=lambda e: (e[0], e[1]))
+        events.append((o.wall_ms, 2, len(events), "order", o))
+    events.sort()  # by time, then kind, then insertion: plain tuple order, no key function
     # Running totals (open + permitted, overall and per symbol), O(1) per event, kept in
     # integer micro-units so that a million additions and removals do not drift.
     pending: dict[str, tuple[str, int]] = {}
@@ -221,7 +221,7 @@ def check_capital(facts: Facts) -> CheckResult:
             pending_on[sym] -= n
         return n
 
-    for _ms, _k, kind, x in events:
+    for _ms, _k, _i, kind, x in events:
         if kind == "permit":
             pid, d, notional = x
             n = _micro(notional)
