@@ -143,6 +143,7 @@ class Facts:
     first_ms: int | None = None
     last_ms: int | None = None
     _first_order: dict[str, int] | None = field(default=None, repr=False)
+    _permits: dict[str, Decision] | None = field(default=None, repr=False)
 
     def fault_at(self, ms: int) -> list[str]:
         """The faults active at ``ms`` (for telling whether a violation came under a fault)."""
@@ -159,33 +160,41 @@ class Facts:
             current = {regime} if done <= ms and typ == "ok" else current | {regime}
         return current
 
+    def permits(self) -> dict[str, Decision]:
+        """Each permitted plan's (first) PERMIT decision (built once)."""
+        if self._permits is None:
+            self._permits = {}
+            for pid, ds in self.decisions.items():
+                for d in ds:
+                    if d.decision == "PERMIT":
+                        self._permits[pid] = d
+                        break
+        return self._permits
+
     def permit(self, plan_id: str) -> Decision | None:
         """The plan's PERMIT decision, if it got one."""
-        for d in self.decisions.get(plan_id, ()):
-            if d.decision == "PERMIT":
-                return d
-        return None
-
-    def _plan_field(self, plan_id: str, name: str) -> Any:
-        s = self.submits.get(plan_id)
-        raw = getattr(s, name) if s else None
-        if raw is None:
-            p = self.plans.get(plan_id)
-            raw = getattr(p, name) if p else None
-        return raw
+        return self.permits().get(plan_id)
 
     def notional(self, plan_id: str) -> float | None:
         """The plan's notional as sent (else as read from the stream); None if not a number."""
+        s = self.submits.get(plan_id)
+        raw = s.notional if s is not None else None
+        if raw is None:
+            p = self.plans.get(plan_id)
+            raw = p.notional if p is not None else None
         try:
-            raw = self._plan_field(plan_id, "notional")
             return float(raw) if raw is not None else None
         except (TypeError, ValueError):
             return None
 
     def created_ms(self, plan_id: str) -> int | None:
         """The plan's ``intent_created_at_ms`` as sent; None if absent or not a number."""
+        s = self.submits.get(plan_id)
+        raw = s.intent_created_at_ms if s is not None else None
+        if raw is None:
+            p = self.plans.get(plan_id)
+            raw = p.intent_created_at_ms if p is not None else None
         try:
-            raw = self._plan_field(plan_id, "intent_created_at_ms")
             return int(raw) if raw is not None else None
         except (TypeError, ValueError):
             return None
@@ -207,12 +216,12 @@ class Facts:
         """
         ttl = self.config.permit_ttl_ms
         first_order = self.first_order_ms()
-        for pid, ds in self.decisions.items():
-            d = next((x for x in ds if x.decision == "PERMIT" and x.action == "CLOSE"), None)
-            if d is None:
+        takes, results = self.takes, self.results
+        for pid, d in self.permits().items():
+            if d.action != "CLOSE":
                 continue
-            ends = [ms for status, ms in self.takes.get(pid, ()) if status == "fail"]
-            ends += [ms for ms, status in self.results.get(pid, ()) if status != "executed"]
+            ends = [ms for status, ms in takes.get(pid, ()) if status == "fail"]
+            ends += [ms for ms, status in results.get(pid, ()) if status != "executed"]
             if pid in first_order:
                 ends.append(first_order[pid])
             end = min(ends) if ends else d.entry_ms + ttl

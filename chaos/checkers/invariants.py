@@ -184,9 +184,9 @@ def check_capital(facts: Facts) -> CheckResult:
     # Timeline of OPEN permits (Redis time) and executions (ledger): open + permitted notional.
     opens_exec = {o.plan_id: o for o in facts.orders if o.action == "OPEN" and o.executed}
     events: list[tuple[int, int, int, str, Any]] = []
-    for pid, ds in facts.decisions.items():
-        d = next((x for x in ds if x.decision == "PERMIT" and x.action == "OPEN"), None)
-        if d is None:
+    takes = facts.takes
+    for pid, d in facts.permits().items():
+        if d.action != "OPEN":
             continue
         notional = facts.notional(pid)
         if notional is None:
@@ -198,9 +198,11 @@ def check_capital(facts: Facts) -> CheckResult:
                                 f"max_notional_per_trade", (_decision_event(d),),
                                 tuple(facts.fault_at(d.entry_ms))))
         o = opens_exec.get(pid)
-        took_fail = any(s == "fail" for s, _ in facts.takes.get(pid, ()))
-        end = o.wall_ms if o else (min((ms for s, ms in facts.takes[pid] if s == "fail"))
-                                   if took_fail else d.entry_ms + cfg.permit_ttl_ms)
+        if o is not None:
+            end = o.wall_ms
+        else:
+            fails = [ms for st, ms in takes.get(pid, ()) if st == "fail"]
+            end = min(fails) if fails else d.entry_ms + cfg.permit_ttl_ms
         events.append((d.entry_ms, 0, len(events), "permit", (pid, d, notional)))
         events.append((max(end, d.entry_ms), 1, len(events), "settle", pid))
     for o in facts.orders:
