@@ -131,6 +131,11 @@ class Keys:
         return self._k("gov:fence")
 
     @property
+    def last_seen(self) -> str:
+        """Server time (ms) of the reference's last script: a longer gap ages no lease."""
+        return self._k("gov:last_seen")
+
+    @property
     def rotation_lock(self) -> str:
         """The reference's single rotation lock (holder: the rotation plan id)."""
         return self._k("gov:rotation:lock")

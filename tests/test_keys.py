@@ -23,7 +23,7 @@ def test_lua_key_templates_match_keys_module() -> None:
         "exposure": k.exposure_pct, "plans": k.plans, "events": k.events,
         "results": k.results, "positions": k.positions, "leases": k.leases,
         "lease_expiry": k.lease_expiry, "opening": k.opening, "closing": k.closing,
-        "fence": k.fence, "rotation_lock": k.rotation_lock,
+        "fence": k.fence, "rotation_lock": k.rotation_lock, "last_seen": k.last_seen,
     }
     assert {n: "PFX" + t for n, t in table.items()} == expected
     funcs = dict(re.findall(r"local function (k_\w+)\(\w+\) return P \.\. '([^']+)' \.\.", lib))

@@ -145,3 +145,36 @@ def test_prometheus_metrics_count_decisions_by_reason(desk: Desk) -> None:
     assert ('governor_decisions_total{decision="BLOCK",reason="duplicate_open",'
             'variant="reference"} 1.0') in text
     assert "governor_decision_latency_seconds_count" in text
+
+
+def test_a_close_lease_does_not_lapse_while_redis_is_paused(server: EmbeddedRedis,
+                                                            desk: Desk) -> None:
+    """Found by the 10-seed sweep through --governor-cmd (redis-pause, seed 3).
+
+    A CLOSE was permitted and executed at once, then Redis froze for longer than
+    capital_reservation_ttl_ms, before the executor could write the mirror or the
+    result. Redis's clock ran on, so the first script after the pause reaped the
+    lease as lapsed; the mirror (not yet rewritten) still showed the position, so
+    the lease was read as "the close never ran" and a second CLOSE was permitted:
+    a double close. Leases must not age while no script can run.
+    """
+    desk.config.update(capital_reservation_ttl_ms=2000, permit_ttl_ms=1000,
+                       exit_lock_ttl_ms=800, max_intent_age_ms=60_000)
+    desk.setup()
+    desk.start()
+    position_id = desk.open_position("S01USDT")
+    first = desk.decide("CLOSE", "S01USDT")
+    assert first["decision"] == "PERMIT"
+    assert desk.r.getdel(desk.keys.permit(first["plan_id"])) is not None  # the order runs
+    server.pause()
+    time.sleep(3.5)  # longer than the lease, and than any gap between scripts
+    server.resume()
+    # The executor has not written the mirror or the result yet: the close is in flight.
+    second = desk.decide("CLOSE", "S01USDT", timeout=20)
+    assert (second["decision"], second["reason"]) == (
+        "BLOCK", "exit_lock_busy_double_close_prevention")
+    # Its result arrives: the position is closed, a third CLOSE finds nothing to close.
+    desk.r.delete(desk.keys.position("S01USDT"))
+    desk.result(first["plan_id"], "S01USDT", "CLOSE", position_id=position_id)
+    desk.settled()
+    assert desk.decide("CLOSE", "S01USDT")["reason"] == "no_open_position"

@@ -30,6 +30,7 @@ local K = {
   closing = P .. ':gov:closing',
   fence = P .. ':gov:fence',
   rotation_lock = P .. ':gov:rotation:lock',
+  last_seen = P .. ':gov:last_seen',
 }
 local function k_allocation(sym) return P .. ':capital:allocation:' .. sym end
 local function k_position(sym) return P .. ':position:' .. sym end
@@ -146,7 +147,28 @@ end
 --   CLOSE lease: mirror no longer shows that position -> the close ran.
 -- Expiry by time alone would free a slot for a position that is open, or let
 -- a second close through for a position already closed.
+-- Leases do not age while no script can run. Every reference process runs a
+-- script at least once a second while it can reach Redis (reconcile), so a gap
+-- longer than GAP_MS between two scripts means Redis was paused or unreachable
+-- from every governor. Redis's clock runs on through such a gap, but the
+-- executor could not write the mirror or a result in it either: reaping by
+-- that clock would read a close that ran as "never ran" (the mirror not yet
+-- rewritten) and permit a second close. So the gap is added to every lease
+-- (at most one capital_reservation_ttl_ms), giving the executor its time back.
+local GAP_MS = 2000
+local function age_leases(now, cfg)
+  local last = tonumber(redis.call('GET', K.last_seen))
+  redis.call('SET', K.last_seen, fmt(now))
+  if not last or now - last <= GAP_MS then return end
+  local shift = math.min(now - last, cfg.capital_reservation_ttl_ms)
+  local all = redis.call('ZRANGE', K.lease_expiry, 0, -1, 'WITHSCORES')
+  for i = 1, #all, 2 do
+    redis.call('ZADD', K.lease_expiry, tonumber(all[i + 1]) + shift, all[i])
+  end
+end
+
 local function reap(now, cfg, limit)
+  age_leases(now, cfg)
   local ids = redis.call('ZRANGEBYSCORE', K.lease_expiry, '-inf', now, 'LIMIT', 0, limit or 32)
   for _, id in ipairs(ids) do
     local lease = decode(redis.call('HGET', K.leases, id))
