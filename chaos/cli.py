@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 EXIT_VALID, EXIT_INVALID, EXIT_UNKNOWN, EXIT_BAD_ARGS, EXIT_HARNESS = 0, 1, 2, 254, 255
@@ -105,6 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if threading.current_thread() is threading.main_thread():
+        # A process started with SIGINT ignored (a background job of a script, some test
+        # runners' workers) keeps it ignored; Python would then never raise
+        # KeyboardInterrupt, and Ctrl-C / kill -INT could not stop a run cleanly.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         if args.command == "scenarios":
             return _scenarios()
