@@ -142,7 +142,7 @@ class Facts:
     meta: dict[str, Any] = field(default_factory=dict)
     first_ms: int | None = None
     last_ms: int | None = None
-    _first_order: dict[str, int] | None = field(default=None, repr=False)
+    _first_order: dict[str, LedgerOrder] | None = field(default=None, repr=False)
     _permits: dict[str, Decision] | None = field(default=None, repr=False)
 
     def fault_at(self, ms: int) -> list[str]:
@@ -175,13 +175,18 @@ class Facts:
         """The plan's PERMIT decision, if it got one."""
         return self.permits().get(plan_id)
 
-    def notional(self, plan_id: str) -> float | None:
-        """The plan's notional as sent (else as read from the stream); None if not a number."""
+    def _plan_field(self, plan_id: str, name: str) -> Any:
+        """A field of the plan as sent, else as read from the plan stream."""
         s = self.submits.get(plan_id)
-        raw = s.notional if s is not None else None
+        raw = getattr(s, name) if s is not None else None
         if raw is None:
             p = self.plans.get(plan_id)
-            raw = p.notional if p is not None else None
+            raw = getattr(p, name) if p is not None else None
+        return raw
+
+    def notional(self, plan_id: str) -> float | None:
+        """The plan's notional as sent (else as read from the stream); None if not a number."""
+        raw = self._plan_field(plan_id, "notional")
         try:
             return float(raw) if raw is not None else None
         except (TypeError, ValueError):
@@ -189,22 +194,22 @@ class Facts:
 
     def created_ms(self, plan_id: str) -> int | None:
         """The plan's ``intent_created_at_ms`` as sent; None if absent or not a number."""
-        s = self.submits.get(plan_id)
-        raw = s.intent_created_at_ms if s is not None else None
-        if raw is None:
-            p = self.plans.get(plan_id)
-            raw = p.intent_created_at_ms if p is not None else None
+        raw = self._plan_field(plan_id, "intent_created_at_ms")
         try:
             return int(raw) if raw is not None else None
         except (TypeError, ValueError):
             return None
 
-    def first_order_ms(self) -> dict[str, int]:
+    def first_order(self) -> dict[str, LedgerOrder]:
         """Each plan's first order reaching the exchange (built once; C-level loops)."""
         if self._first_order is None:
             rev = self.orders[::-1]  # the first of a plan's orders is the one a dict keeps
-            self._first_order = dict(zip(map(_PLAN_ID, rev), map(_WALL_MS, rev), strict=True))
+            self._first_order = dict(zip(map(_PLAN_ID, rev), rev, strict=True))
         return self._first_order
+
+    def failed_takes(self, plan_id: str) -> list[int]:
+        """When the apply layer found the plan's permit gone (each failed take)."""
+        return [ms for status, ms in self.takes.get(plan_id, ()) if status == "fail"]
 
     def close_permit_spans(self) -> Iterator[tuple[Decision, int, bool]]:
         """Each CLOSE permit with the time it stopped being outstanding.
@@ -215,15 +220,14 @@ class Facts:
         ``permit_ttl_ms`` (``lapsed`` True). Never before the permit itself.
         """
         ttl = self.config.permit_ttl_ms
-        first_order = self.first_order_ms()
-        takes, results = self.takes, self.results
+        first_order = self.first_order()
         for pid, d in self.permits().items():
             if d.action != "CLOSE":
                 continue
-            ends = [ms for status, ms in takes.get(pid, ()) if status == "fail"]
-            ends += [ms for ms, status in results.get(pid, ()) if status != "executed"]
+            ends = self.failed_takes(pid)
+            ends += [ms for ms, status in self.results.get(pid, ()) if status != "executed"]
             if pid in first_order:
-                ends.append(first_order[pid])
+                ends.append(first_order[pid].wall_ms)
             end = min(ends) if ends else d.entry_ms + ttl
             yield d, max(end, d.entry_ms), not ends
 

@@ -184,7 +184,6 @@ def check_capital(facts: Facts) -> CheckResult:
     # Timeline of OPEN permits (Redis time) and executions (ledger): open + permitted notional.
     opens_exec = {o.plan_id: o for o in facts.orders if o.action == "OPEN" and o.executed}
     events: list[tuple[int, int, int, str, Any]] = []
-    takes = facts.takes
     for pid, d in facts.permits().items():
         if d.action != "OPEN":
             continue
@@ -201,7 +200,7 @@ def check_capital(facts: Facts) -> CheckResult:
         if o is not None:
             end = o.wall_ms
         else:
-            fails = [ms for st, ms in takes.get(pid, ()) if st == "fail"]
+            fails = facts.failed_takes(pid)
             end = min(fails) if fails else d.entry_ms + cfg.permit_ttl_ms
         events.append((d.entry_ms, 0, len(events), "permit", (pid, d, notional)))
         events.append((max(end, d.entry_ms), 1, len(events), "settle", pid))

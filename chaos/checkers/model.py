@@ -79,7 +79,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -359,28 +359,35 @@ def _call_ms(facts: Facts, pid: str, d: Decision) -> int:
     return min(call, d.entry_ms)
 
 
-def slots_ops(facts: Facts) -> tuple[SlotsModel, list[Operation]]:
-    cfg = facts.config
-    ops: list[Operation] = []
-    first_order: dict[str, Any] = {}
-    for o in facts.orders:
-        first_order.setdefault(o.plan_id, o)
-    permitted_open: set[str] = set()
-    first_decision_ms = min((d.entry_ms for ds in facts.decisions.values() for d in ds),
-                            default=INF)
+def _permitted(facts: Facts, action: str, block_reason: str, block_f: str,
+               ops: list[Operation]) -> Iterator[tuple[str, Decision, int]]:
+    """The plans of ``action`` by their first decision: a BLOCK for ``block_reason`` goes
+    into ``ops`` as a ``block_f`` operation (other blocks say nothing about the model);
+    each PERMIT is yielded as ``(plan_id, decision, call_ms)``."""
     for pid, ds in facts.decisions.items():
         d = _first_decision(ds)
-        if d is None or d.action != "OPEN":
+        if d is None or d.action != action:
             continue
         call = _call_ms(facts, pid, d)
         if d.decision == "BLOCK":
-            if d.reason == FULL:
-                ops.append(Operation(pid, ("full", d.symbol), call, "BLOCK", d.entry_ms))
+            if d.reason == block_reason:
+                ops.append(Operation(pid, (block_f, d.symbol), call, "BLOCK", d.entry_ms))
             continue
+        yield pid, d, call
+
+
+def slots_ops(facts: Facts) -> tuple[SlotsModel, list[Operation]]:
+    cfg = facts.config
+    ops: list[Operation] = []
+    first_order = facts.first_order()
+    permitted_open: set[str] = set()
+    first_decision_ms = min((d.entry_ms for ds in facts.decisions.values() for d in ds),
+                            default=INF)
+    for pid, d, call in _permitted(facts, "OPEN", FULL, "full", ops):
         permitted_open.add(pid)
         ops.append(Operation(pid, ("acquire", d.symbol), call, "PERMIT", d.entry_ms))
         o = first_order.get(pid)
-        fails = [ms for s, ms in facts.takes.get(pid, ()) if s == "fail"]
+        fails = facts.failed_takes(pid)
         if o is not None:
             if not o.executed:
                 ops.append(Operation(pid, ("release", d.symbol), o.wall_ms, "ok"))
@@ -418,26 +425,17 @@ def slots_ops(facts: Facts) -> tuple[SlotsModel, list[Operation]]:
 
 def exit_lock_ops(facts: Facts) -> tuple[ExitLockModel, list[Operation]]:
     ttl = facts.config.permit_ttl_ms
-    first_order: dict[str, Any] = {}
+    first_order = facts.first_order()
     ops: list[Operation] = []
     for o in facts.orders:
-        first_order.setdefault(o.plan_id, o)
         if o.action == "OPEN" and o.executed and o.effect in ("open", "add"):
             ops.append(Operation(o.plan_id, ("opened", o.symbol), o.wall_ms, "ok",
                                  o.wall_ms + 1))
-    for pid, ds in facts.decisions.items():
-        d = _first_decision(ds)
-        if d is None or d.action != "CLOSE":
-            continue
-        call = _call_ms(facts, pid, d)
-        if d.decision == "BLOCK":
-            if d.reason == BUSY:
-                ops.append(Operation(pid, ("busy", d.symbol), call, "BLOCK", d.entry_ms))
-            continue
+    for pid, d, call in _permitted(facts, "CLOSE", BUSY, "busy", ops):
         ops.append(Operation(pid, ("lock", d.symbol), call, "PERMIT", d.entry_ms))
         o = first_order.get(pid)
         ends = [o.wall_ms] if o is not None else []
-        ends += [ms for s, ms in facts.takes.get(pid, ()) if s == "fail"]
+        ends += facts.failed_takes(pid)
         ends += [ms for ms, status in facts.results.get(pid, ()) if status != "executed"]
         end = max(min(ends) if ends else d.entry_ms + ttl, d.entry_ms)
         effect = o.effect if o is not None and o.wall_ms == end else "none"
