@@ -960,6 +960,8 @@ def _iso(ms: Any) -> str:
 
 def _header_rows(ctx: _Ctx) -> list[tuple[str, str]]:
     m = ctx.meta
+    if m.get("kind") == "import":
+        return _import_header_rows(ctx)
     f = ctx.facts
     v = ctx.verdict
     ph = f.phases
@@ -973,8 +975,6 @@ def _header_rows(ctx: _Ctx) -> list[tuple[str, str]]:
         dur.append(f"run {(m['ended_wall_ms'] - m['started_wall_ms']) / 1000:.1f} s")
     redis = m.get("redis") or {}
     probe = m.get("probe") or {}
-    if m.get("kind") == "import":
-        return _import_header_rows(ctx)
     rows = [
         ("scenario", f"{m.get('scenario', '?')}"
                      + (f" — {m['scenario_spec']['description']}"
