@@ -500,7 +500,7 @@ def _capital_replay(ctx: _Ctx, symbols: Iterable[str]) -> tuple[
         if notional is None:
             continue
         o = opens_exec.get(pid)
-        fails = [ms for s, ms in f.takes.get(pid, ()) if s == "fail"]
+        fails = f.failed_takes(pid)
         end = o.wall_ms if o else (min(fails) if fails else d.entry_ms + cfg.permit_ttl_ms)
         events.append((d.entry_ms, 0, "permit", (pid, d.symbol, notional)))
         events.append((max(end, d.entry_ms), 1, "settle", pid))

@@ -71,8 +71,8 @@ def _fingerprint(f: Facts) -> dict[str, Any]:
         "submits": enc(dict(sorted(f.submits.items()))),
         "plans": enc(dict(sorted(f.plans.items()))),
         "decisions": enc(dict(sorted(f.decisions.items()))),
-        "takes": enc(dict(sorted(f.takes.items()))),
-        "results": enc(dict(sorted(f.results.items()))),
+        "take_fails": enc(dict(sorted(f.take_fails.items()))),
+        "aborts": enc(dict(sorted(f.aborts.items()))),
         "faults": [(w.kind, w.start_ms, w.stop_ms) for w in f.faults],
         "regime": f.initial_regime,
     }

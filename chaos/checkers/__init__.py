@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,7 @@ from chaos.checkers.facts import Facts, gather, gc_paused
 from chaos.checkers.invariants import CHECKERS, INVARIANTS, CheckResult, Violation
 
 __all__ = ["CHECKERS", "INVARIANTS", "CheckResult", "Facts", "Verdict", "Violation",
-           "check_run", "gather"]
+           "check_run", "gather", "run_checkers"]
 
 
 @dataclass
@@ -76,13 +79,70 @@ class Verdict:
         return "\n".join(lines)
 
 
+# The checkers run in two processes when the history is at least this long: a forked
+# child takes these (it shares the facts with this process, copy-on-write) and sends its
+# results back; this process runs the others meanwhile.
+PARALLEL_OPS = 50_000
+FORKED_CHECKERS = ("single_close", "one_decision")
+
+
+def run_checkers(facts: Facts, parallel: bool | None = None) -> dict[str, CheckResult]:
+    """Every checker's result, in ``CHECKERS`` order (``parallel``: default by size)."""
+    if parallel is None:
+        parallel = facts.ops >= PARALLEL_OPS
+    forked = None
+    if parallel and hasattr(os, "fork") and threading.active_count() == 1:
+        forked = _fork_checkers(facts, FORKED_CHECKERS)
+    out: dict[str, CheckResult] = {}
+    for name, fn in CHECKERS.items():
+        if forked is None or name not in FORKED_CHECKERS:
+            out[name] = fn(facts)
+    theirs = forked() if forked is not None else None
+    for name in FORKED_CHECKERS:
+        if name not in out:
+            out[name] = theirs[name] if theirs and name in theirs else CHECKERS[name](facts)
+    return {name: out[name] for name in CHECKERS}
+
+
+def _fork_checkers(facts: Facts, names: tuple[str, ...]
+                   ) -> Callable[[], dict[str, CheckResult] | None]:
+    """Run ``names`` in a forked child; the returned call collects their results (None if
+    the child failed: the caller then runs them itself)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: results pickled into the pipe, then out without cleanup
+        code = 1
+        try:
+            os.close(r)
+            data = pickle.dumps({n: CHECKERS[n](facts) for n in names},
+                                protocol=pickle.HIGHEST_PROTOCOL)
+            with os.fdopen(w, "wb") as fh:
+                fh.write(data)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+
+    def collect() -> dict[str, CheckResult] | None:
+        try:
+            with os.fdopen(r, "rb") as fh:
+                data = fh.read()
+        finally:
+            _, status = os.waitpid(pid, 0)
+        if status != 0 or not data:
+            return None
+        return pickle.loads(data)
+
+    return collect
+
+
 def check_run(run_dir: str | Path, write: bool = True, models: bool = True,
               model_timeout_s: float = 10.0) -> Verdict:
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
-    facts = gather(run_dir)
     with gc_paused():
-        results = {name: fn(facts) for name, fn in CHECKERS.items()}
+        facts = gather(run_dir)
+        results = run_checkers(facts)
     # Checks the run cannot support (an import has no liveness probe) stay listed, unknown,
     # and out of the verdict.
     skipped = set(facts.meta.get("checks_skipped") or ())

@@ -29,13 +29,13 @@ import subprocess
 import sys
 import threading
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from itertools import starmap
-from operator import attrgetter
+from itertools import compress, repeat, starmap
+from operator import attrgetter, is_
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import msgspec
 
@@ -96,6 +96,8 @@ class Submit(msgspec.Struct):
     notional: Any = None
     intent_created_at_ms: Any = None
     malformed: Any = None
+    time_ns: int = 0  # of the invoke (monotonic): the last invoke of a plan id stands
+    completed_ns: int = -1  # of the completion that gave ``status`` (the last one after it)
 
 
 class PlanEntry(msgspec.Struct):
@@ -129,9 +131,10 @@ class Facts:
     submits: dict[str, Submit] = field(default_factory=dict)
     plans: dict[str, PlanEntry] = field(default_factory=dict)
     decisions: dict[str, list[Decision]] = field(default_factory=lambda: defaultdict(list))
-    takes: dict[str, list[tuple[str, int]]] = field(default_factory=lambda: defaultdict(list))
-    # (entry_ms, status) of each apply.result entry of a plan
-    results: dict[str, list[tuple[int, str]]] = field(default_factory=lambda: defaultdict(list))
+    # when the apply layer found a plan's permit gone (each failed take), in time order
+    take_fails: dict[str, list[int]] = field(default_factory=dict)
+    # (entry_ms, status) of each apply.result entry of a plan other than ``executed``
+    aborts: dict[str, list[tuple[int, Any]]] = field(default_factory=dict)
     faults: list[FaultWindow] = field(default_factory=list)
     probes: dict[str, dict[str, Any]] = field(default_factory=dict)
     phases: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -144,6 +147,7 @@ class Facts:
     last_ms: int | None = None
     _first_order: dict[str, LedgerOrder] | None = field(default=None, repr=False)
     _permits: dict[str, Decision] | None = field(default=None, repr=False)
+    _scans: list[Any] = field(default_factory=list, repr=False)
 
     def fault_at(self, ms: int) -> list[str]:
         """The faults active at ``ms`` (for telling whether a violation came under a fault)."""
@@ -209,7 +213,7 @@ class Facts:
 
     def failed_takes(self, plan_id: str) -> list[int]:
         """When the apply layer found the plan's permit gone (each failed take)."""
-        return [ms for status, ms in self.takes.get(plan_id, ()) if status == "fail"]
+        return list(self.take_fails.get(plan_id, ()))
 
     def close_permit_spans(self) -> Iterator[tuple[Decision, int, bool]]:
         """Each CLOSE permit with the time it stopped being outstanding.
@@ -221,13 +225,18 @@ class Facts:
         """
         ttl = self.config.permit_ttl_ms
         first_order = self.first_order()
+        take_fails, aborts = self.take_fails, self.aborts
         for pid, d in self.permits().items():
             if d.action != "CLOSE":
                 continue
-            ends = self.failed_takes(pid)
-            ends += [ms for ms, status in self.results.get(pid, ()) if status != "executed"]
-            if pid in first_order:
-                ends.append(first_order[pid].wall_ms)
+            o = first_order.get(pid)
+            if o is not None and pid not in take_fails and pid not in aborts:
+                yield d, max(o.wall_ms, d.entry_ms), False  # the common case: it executed
+                continue
+            ends = list(take_fails.get(pid, ()))
+            ends += [ms for ms, _status in aborts.get(pid, ())]
+            if o is not None:
+                ends.append(o.wall_ms)
             end = min(ends) if ends else d.entry_ms + ttl
             yield d, max(end, d.entry_ms), not ends
 
@@ -258,12 +267,16 @@ class HistoryError(ValueError):
 
 
 # The operations as the scan decodes them: one class per ``f`` (msgspec picks it by the
-# tag), with only the value fields a checker reads.
+# tag), each with only the fields a checker reads: every field decoded is an object to
+# build, and the hot kinds are a million lines in a long run.
 class _Op(msgspec.Struct, tag_field="f"):
-    # Only what the hot operations need: every field decoded is a string to build.
-    type: str = ""
-    time_ns: int = 0
+    # The scan groups a block's operations by kind (a stable sort on this) and takes each
+    # group in bulk; 6: replayed in time order, 7: only counted.
+    kind: ClassVar[int] = 7
     wall_ms: int = 0
+
+
+class _Keyed(_Op):
     key: Any = None
 
 
@@ -277,33 +290,44 @@ class _ResultVal(msgspec.Struct):
     status: Any = None
 
 
-class _DecisionOp(_Op, tag=str(F.DECISION)):
+class _DecisionOp(_Keyed, tag=str(F.DECISION)):
+    kind: ClassVar[int] = 2
     value: Decision | None = None
 
 
-class _SubmitOp(_Op, tag=str(F.SUBMIT)):
+class _SubmitOp(_Keyed, tag=str(F.SUBMIT)):
+    kind: ClassVar[int] = 0
+    type: str = ""
+    time_ns: int = 0
     value: _SubmitVal | None = None
 
 
-class _PlanOp(_Op, tag=str(F.PLAN)):
+class _PlanOp(_Keyed, tag=str(F.PLAN)):
+    kind: ClassVar[int] = 1
     value: PlanEntry | None = None
 
 
-class _TakeOp(_Op, tag=str(F.TAKE)):
-    pass
+class _TakeOp(_Keyed, tag=str(F.TAKE)):
+    kind: ClassVar[int] = 3
+    type: str = ""  # only a failed take says something (the permit was gone)
 
 
-class _ResultOp(_Op, tag=str(F.RESULT)):
+class _ResultOp(_Keyed, tag=str(F.RESULT)):
+    kind: ClassVar[int] = 5
     value: _ResultVal | None = None
 
 
 class _OrderOp(_Op, tag=str(F.ORDER)):
+    kind: ClassVar[int] = 4
     pass  # orders are judged from the ledger
 
 
-class _OrderedOp(_Op):
+class _OrderedOp(_Keyed):
     """Operations whose meaning depends on the order of others: replayed in time order."""
 
+    kind: ClassVar[int] = 6
+    type: str = ""
+    time_ns: int = 0
     process: str = ""
     symbol: Any = None
     value: dict[str, Any] | None = None
@@ -330,7 +354,7 @@ class _GovernorOp(_OrderedOp, tag=str(F.GOVERNOR)):
 
 
 class _OtherOp(_Op, tag="?"):
-    process: str = ""  # an ``f`` no checker reads: counted only
+    pass  # an ``f`` no checker reads: counted only
 
 
 _KINDS = (_DecisionOp, _SubmitOp, _PlanOp, _TakeOp, _ResultOp, _OrderOp, _OperatorOp,
@@ -350,12 +374,12 @@ class _Scan:
     last_ms: int | None = None
     # Keyed by plan id (Any: a hand-written history may use numbers). The types are exact:
     # a worker's scan travels to the parent as msgpack, decoded against them.
-    invokes: dict[Any, tuple[int, Submit]] = field(default_factory=dict)  # last invoke
+    invokes: dict[Any, Submit] = field(default_factory=dict)  # the last invoke
     completions: dict[Any, tuple[int, str, int]] = field(default_factory=dict)  # last one
     plans: dict[Any, PlanEntry] = field(default_factory=dict)
     decisions: dict[Any, list[Decision]] = field(default_factory=dict)
-    takes: dict[Any, list[tuple[str, int]]] = field(default_factory=dict)
-    results: dict[Any, list[tuple[int, Any]]] = field(default_factory=dict)
+    take_fails: dict[Any, list[int]] = field(default_factory=dict)
+    aborts: dict[Any, list[tuple[int, Any]]] = field(default_factory=dict)
     ordered: list[tuple[int, str, _AnyOrdered]] = field(default_factory=list)
 
 
@@ -377,14 +401,20 @@ def decode_scan(data: bytes) -> _Scan:
 Segment = tuple[str, int, int | None]
 
 
-def _blocks(seg: Segment, block: int = 4 << 20) -> Iterator[bytes]:
-    """A part of a history file in blocks of complete lines (a torn last line, which only
-    the end of a file can have, is left out)."""
+# A block's operations are gone over several times (grouped, then taken in bulk): small
+# enough that they stay in the CPU's cache. 256 KiB scans 1.75x faster than 4 MiB.
+BLOCK_BYTES = 256 << 10
+
+
+def _blocks(seg: Segment, block: int = BLOCK_BYTES) -> Iterator[tuple[int, bytes]]:
+    """A part of a history file in blocks of complete lines, each with its offset in the
+    file (a torn last line, which only the end of a file can have, is left out)."""
     path, start, end = seg
     with open(path, "rb") as fh:
         fh.seek(start)
         left = -1 if end is None else end - start
         rest = b""
+        at = start  # the offset of ``rest``
         while left != 0 and (chunk := fh.read(block if left < 0 else min(block, left))):
             if left > 0:
                 left -= len(chunk)
@@ -392,7 +422,8 @@ def _blocks(seg: Segment, block: int = 4 << 20) -> Iterator[bytes]:
             cut = chunk.rfind(b"\n") + 1
             rest = chunk[cut:]
             if cut:
-                yield chunk[:cut]
+                yield at, chunk[:cut]
+                at += cut
         # ``rest`` is the torn last line of a killed writer: everything before it stands.
 
 
@@ -402,24 +433,23 @@ class _BadLine(Exception):
         self.n, self.msg = n, msg
 
 
-def _line_error(seg: Segment, bad: _BadLine) -> HistoryError:
-    path, start, _end = seg
+def _line_error(path: str, offset: int, bad: _BadLine) -> HistoryError:
+    """The error of a bad line, named by its file and line (``bad.n`` counts from the
+    block at ``offset``)."""
     with open(path, "rb") as fh:
-        base = fh.read(start).count(b"\n") if start else 0
+        base = fh.read(offset).count(b"\n") if offset else 0
     return HistoryError(f"{path}:{base + bad.n}: {bad.msg}")
 
 
 class _Decoders:
     def __init__(self) -> None:
-        self.block = msgspec.json.Decoder(list[_AnyOp])
         self.one = msgspec.json.Decoder(_AnyOp)
         self.generic = msgspec.json.Decoder()
 
-    def decode(self, block: bytes, first_line: int) -> list[_Op]:
-        """A block of lines at once, as one JSON array; line by line (and leniently) when
-        that fails."""
+    def decode(self, block: bytes, first_line: int = 1) -> list[_Op]:
+        """A block of lines at once; line by line (and leniently) when that fails."""
         try:
-            return self.block.decode(b"[" + block[:-1].replace(b"\n", b",") + b"]")
+            return self.one.decode_lines(block)
         except msgspec.MsgspecError:
             pass
         lines = block.split(b"\n")[:-1]
@@ -475,94 +505,279 @@ _WALL_MS = attrgetter("wall_ms")
 _PLAN_ID = attrgetter("plan_id")
 
 
+_KIND = attrgetter("kind")
+_KEY = attrgetter("key")
+_VALUE = attrgetter("value")
+_TYPE = attrgetter("type")
+_TIME_NS = attrgetter("time_ns")
+_ENTRY_MS = attrgetter("entry_ms")
+_DECISION = attrgetter("decision")
+_STATUS = attrgetter("status")
+_PLAN = attrgetter("plan")
+_SUBMIT_FIELDS = attrgetter("plan_id", "symbol", "notional", "intent_created_at_ms")
+_MALFORMED = attrgetter("malformed")
+_IS_INVOKE = "invoke".__eq__
+_IS_EXECUTED = "executed".__eq__
+
+
+def _some_none(xs: list[Any]) -> bool:
+    return any(map(is_, xs, repeat(None)))
+
+
+def _fresh(keys: list[Any], seen: dict[Any, Any]) -> bool:
+    """Whether ``keys`` are distinct, true, and none of them in ``seen`` yet."""
+    return all(keys) and len(set(keys)) == len(keys) and seen.keys().isdisjoint(keys)
+
+
+class _Scanner:
+    """Folds decoded operations into a :class:`_Scan`, a block at a time.
+
+    A block's operations are grouped by kind (a stable sort, so each group keeps the order
+    of the file) and each group is taken in bulk with C-level maps and dict updates when
+    it is plain: keys new and distinct, values present, nothing to fill in. Anything
+    else (a duplicate decision, a failed take, a missing value...) takes the op-by-op path,
+    which gives the same facts. On a million-line history this is four times faster.
+    """
+
+    def __init__(self) -> None:
+        self.sc = _Scan()
+        self.first, self.last = 2**63, -(2**63)
+
+    def add(self, objs: list[_Op]) -> None:
+        sc = self.sc
+        sc.ops += len(objs)
+        walls = list(map(_WALL_MS, objs))
+        self.first = min(self.first, min(walls))
+        self.last = max(self.last, max(walls))
+        objs.sort(key=_KIND)
+        kinds = list(map(_KIND, objs))
+        start = 0
+        while start < len(objs):
+            k = kinds[start]
+            end = _group_end(kinds, start)
+            _BULK[k](sc, objs[start:end])
+            start = end
+
+    def scan(self) -> _Scan:
+        if self.sc.ops:
+            self.sc.first_ms, self.sc.last_ms = self.first, self.last
+        return self.sc
+
+
+def _group_end(kinds: list[int], start: int) -> int:
+    """The end of the run of ``kinds[start]`` (kinds is sorted)."""
+    k = kinds[start]
+    lo, hi = start + 1, len(kinds)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if kinds[mid] == k:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def _submits(sc: _Scan, ops: list[_SubmitOp]) -> None:
+    types = list(map(_TYPE, ops))
+    n_inv = types.count("invoke")
+    if n_inv:
+        inv = ops if n_inv == len(ops) else list(compress(ops, map(_IS_INVOKE, types)))
+        keys = list(map(_KEY, inv))
+        vals = list(map(_VALUE, inv))
+        plans = None if _some_none(vals) else list(map(_PLAN, vals))
+        if (plans is not None and not _some_none(plans) and _fresh(keys, sc.invokes)
+                and sc.completions.keys().isdisjoint(keys)):
+            fields = zip(*map(_SUBMIT_FIELDS, plans), strict=True)
+            sc.invokes.update(zip(keys, starmap(Submit, zip(
+                repeat("invoke"), map(_WALL_MS, inv), *fields, map(_MALFORMED, vals),
+                map(_TIME_NS, inv), strict=False)), strict=True))
+        else:
+            for o in inv:
+                v = o.value
+                p = (v.plan if v is not None else None) or _NO_PLAN
+                _put_invoke(sc, "" if o.key is None else o.key, Submit(
+                    "invoke", o.wall_ms, p.plan_id, p.symbol, p.notional,
+                    p.intent_created_at_ms, v.malformed if v is not None else None, o.time_ns))
+        if n_inv == len(ops):
+            return
+        ops = [o for o in ops if o.type != "invoke"]
+    keys = list(map(_KEY, ops))
+    if _fresh(keys, sc.completions):
+        sc.completions.update(zip(keys, zip(map(_TIME_NS, ops), map(_TYPE, ops),
+                                            map(_WALL_MS, ops), strict=True), strict=True))
+    else:
+        keys = ["" if k is None else k for k in keys]
+        for key, o in zip(keys, ops, strict=True):
+            seen = sc.completions.get(key)
+            if seen is None or o.time_ns >= seen[0]:
+                sc.completions[key] = (o.time_ns, o.type, o.wall_ms)
+    # Completed: the invokes of this scan take their status now, while in the CPU's cache.
+    invokes = sc.invokes
+    for key, o in zip(keys, ops, strict=True):
+        s = invokes.get(key)
+        if s is not None and o.time_ns >= s.time_ns and o.time_ns >= s.completed_ns:
+            s.status, s.wall_ms, s.completed_ns = o.type, o.wall_ms, o.time_ns
+
+
+def _put_invoke(sc: _Scan, key: Any, s: Submit) -> None:
+    """An invoke, unless a later one of its plan id was seen (with the completion seen
+    for it so far)."""
+    seen = sc.invokes.get(key)
+    if seen is None or s.time_ns >= seen.time_ns:
+        c = sc.completions.get(key)
+        if c is not None and c[0] >= s.time_ns:
+            s.status, s.wall_ms, s.completed_ns = c[1], c[2], c[0]
+        sc.invokes[key] = s
+
+
+def _plans(sc: _Scan, ops: list[_PlanOp]) -> None:
+    keys = list(map(_KEY, ops))
+    vals = list(map(_VALUE, ops))
+    if not _some_none(vals) and all(map(_ENTRY_MS, vals)) and _fresh(keys, sc.plans):
+        sc.plans.update(zip(keys, vals, strict=True))
+        return
+    for key, e, o in zip(keys, vals, ops, strict=True):
+        if key and e is not None:
+            if not e.entry_ms:
+                e.entry_ms = o.wall_ms
+            seen = sc.plans.get(key)
+            if seen is None or e.entry_ms < seen.entry_ms:
+                sc.plans[key] = e
+
+
+def _decisions(sc: _Scan, ops: list[_DecisionOp]) -> None:
+    keys = list(map(_KEY, ops))
+    vals = list(map(_VALUE, ops))
+    if (not _some_none(vals) and _PB.issuperset(map(_DECISION, vals))
+            and all(map(_ENTRY_MS, vals)) and keys == list(map(_PLAN_ID, vals))
+            and _fresh(keys, sc.decisions)):
+        sc.decisions.update(zip(keys, map(list, zip(vals, strict=True)), strict=True))
+        return
+    for key, d, o in zip(keys, vals, ops, strict=True):
+        if key and d is not None and d.decision in _PB:
+            if not d.entry_ms:
+                d.entry_ms = o.wall_ms
+            if d.plan_id != key:
+                d.plan_id = key
+            ds = sc.decisions.get(key)
+            if ds is None:
+                sc.decisions[key] = [d]
+            else:
+                ds.append(d)
+
+
+def _takes(sc: _Scan, ops: list[_TakeOp]) -> None:
+    if "fail" in map(_TYPE, ops):
+        for o in ops:
+            if o.type == "fail" and o.key:
+                sc.take_fails.setdefault(o.key, []).append(o.wall_ms)
+
+
+def _orders(sc: _Scan, ops: list[_OrderOp]) -> None:
+    pass  # judged from the ledger
+
+
+def _results(sc: _Scan, ops: list[_ResultOp]) -> None:
+    vals = list(map(_VALUE, ops))
+    if not _some_none(vals) and all(map(_IS_EXECUTED, map(_STATUS, vals))):
+        return  # executed: the ledger says it all
+    for o, v in zip(ops, vals, strict=True):
+        if not o.key:
+            continue
+        if v is None:
+            sc.aborts.setdefault(o.key, []).append((o.wall_ms, None))
+        elif v.status != "executed":
+            sc.aborts.setdefault(o.key, []).append((v.entry_ms or o.wall_ms, v.status))
+
+
+def _ordered(sc: _Scan, ops: list[_OrderedOp]) -> None:
+    sc.ordered.extend((o.time_ns, o.process, o) for o in ops)
+
+
+def _others(sc: _Scan, ops: list[_Op]) -> None:
+    pass  # an ``f`` no checker reads
+
+
+_BULK = (_submits, _plans, _decisions, _takes, _orders, _results, _ordered, _others)
+
+
 def _scan(segments: Iterable[Segment]) -> _Scan:
     decoders = _Decoders()
-    sc = _Scan()
-    invokes, completions, plans = sc.invokes, sc.completions, sc.plans
-    decisions, takes, results, ordered = sc.decisions, sc.takes, sc.results, sc.ordered
-    first, last = 2**63, -(2**63)
-    ops = 0
+    scanner = _Scanner()
     for seg in segments:
-        line_no = 1
-        for block in _blocks(seg):
+        for offset, block in _blocks(seg):
             try:
-                objs = decoders.decode(block, line_no)
+                objs = decoders.decode(block)
             except _BadLine as bad:
-                raise _line_error(seg, bad) from None
-            line_no += block.count(b"\n")
-            if not objs:
-                continue
-            ops += len(objs)
-            first = min(first, min(map(_WALL_MS, objs)))
-            last = max(last, max(map(_WALL_MS, objs)))
-            for o in objs:
-                cls = o.__class__
-                ms = o.wall_ms
-                key = o.key
-                if cls is _SubmitOp:
-                    if key is None:
-                        key = ""
-                    if o.type == "invoke":
-                        v = o.value
-                        p = (v.plan if v is not None else None) or _NO_PLAN
-                        invokes[key] = (o.time_ns, Submit(
-                            "invoke", ms, p.plan_id, p.symbol, p.notional,
-                            p.intent_created_at_ms, v.malformed if v is not None else None))
-                    else:
-                        completions[key] = (o.time_ns, o.type, ms)
-                elif cls is _DecisionOp:
-                    d = o.value
-                    if key and d is not None and d.decision in _PB:
-                        if not d.entry_ms:
-                            d.entry_ms = ms
-                        if d.plan_id != key:
-                            d.plan_id = key
-                        ds = decisions.get(key)
-                        if ds is None:
-                            decisions[key] = [d]
-                        else:
-                            ds.append(d)
-                elif cls is _PlanOp:
-                    e = o.value
-                    if key and e is not None:
-                        if not e.entry_ms:
-                            e.entry_ms = ms
-                        seen = plans.get(key)
-                        if seen is None or e.entry_ms < seen.entry_ms:
-                            plans[key] = e
-                elif cls is _TakeOp:
-                    if key:
-                        ts = takes.get(key)
-                        if ts is None:
-                            takes[key] = [(o.type, ms)]
-                        else:
-                            ts.append((o.type, ms))
-                elif cls is _ResultOp:
-                    if key:
-                        v = o.value
-                        r = ((v.entry_ms or ms, v.status) if v is not None else (ms, None))
-                        rs = results.get(key)
-                        if rs is None:
-                            results[key] = [r]
-                        else:
-                            rs.append(r)
-                elif cls is _OrderOp or cls is _OtherOp:
-                    pass
-                else:
-                    ordered.append((o.time_ns, o.process, o))
-    sc.ops = ops
-    if ops:
-        sc.first_ms, sc.last_ms = first, last
-    return sc
+                raise _line_error(seg[0], offset, bad) from None
+            if objs:
+                scanner.add(objs)
+    return scanner.scan()
 
 
 _NO_PLAN = _PlanFields()
 
 
 def _merge(facts: Facts, scans: list[_Scan]) -> list[tuple[int, str, _OrderedOp]]:
-    invokes: dict[str, tuple[int, Submit]] = {}
-    completions: dict[str, tuple[int, str, int]] = {}
-    ordered: list[tuple[int, str, _OrderedOp]] = []
+    """One set of facts from the scans of parts of the history.
+
+    The biggest scan's dicts are taken over as they are and the others' added to them,
+    in bulk where their keys are apart (always, unless a plan id is in two parts)."""
+    scans = sorted(scans, key=lambda sc: sc.ops, reverse=True)
+    base, others = (scans[0], scans[1:]) if scans else (_Scan(), [])
+    submits, completions = base.invokes, base.completions
+    # Plan ids submitted in more than one part: resolved below from every part's view.
+    cross: set[Any] = set()
+    for i, sc in enumerate(others):
+        for d in (sc.invokes, sc.completions):
+            for seen in scans[:i + 1]:
+                cross |= d.keys() & seen.invokes.keys()
+                cross |= d.keys() & seen.completions.keys()
+    facts.plans, facts.take_fails, facts.aborts = base.plans, base.take_fails, base.aborts
+    facts.decisions.update(base.decisions)
+    ordered = list(base.ordered)
+    for sc in others:
+        if cross:
+            submits.update((k, s) for k, s in sc.invokes.items() if k not in cross)
+            completions.update((k, c) for k, c in sc.completions.items() if k not in cross)
+        else:
+            submits.update(sc.invokes)
+            completions.update(sc.completions)
+        if facts.plans.keys().isdisjoint(sc.plans):
+            facts.plans.update(sc.plans)
+        else:
+            for k, p in sc.plans.items():
+                seen = facts.plans.get(k)
+                if seen is None or p.entry_ms < seen.entry_ms:
+                    facts.plans[k] = p
+        for src, dst in ((sc.decisions, facts.decisions), (sc.take_fails, facts.take_fails),
+                         (sc.aborts, facts.aborts)):
+            if dst.keys().isdisjoint(src):
+                dst.update(src)
+                continue
+            for k, xs in src.items():
+                if k in dst:
+                    dst[k].extend(xs)
+                else:
+                    dst[k] = xs
+        ordered.extend(sc.ordered)
+    # A submit's status is its last completion, when that came after its last invoke (each
+    # scan applied its own; a plan id in several parts is decided across them).
+    for k in cross:
+        s = None
+        for sc in scans:
+            x = sc.invokes.get(k)
+            if x is not None and (s is None or x.time_ns >= s.time_ns):
+                s = x
+        cs = [sc.completions[k] for sc in scans if k in sc.completions]
+        c = max(cs, key=lambda c: c[0]) if cs else None
+        if c is not None:
+            completions[k] = c
+        if s is not None:
+            if c is not None and c[0] >= s.time_ns:
+                s.status, s.wall_ms, s.completed_ns = c[1], c[2], c[0]
+            submits[k] = s
+    facts.submits = submits
     for sc in scans:
         facts.ops += sc.ops
         if sc.first_ms is not None:
@@ -571,43 +786,16 @@ def _merge(facts: Facts, scans: list[_Scan]) -> list[tuple[int, str, _OrderedOp]
         if sc.last_ms is not None:
             facts.last_ms = sc.last_ms if facts.last_ms is None else max(facts.last_ms,
                                                                          sc.last_ms)
-        for k, inv in sc.invokes.items():
-            if k not in invokes or inv[0] >= invokes[k][0]:
-                invokes[k] = inv
-        for k, c in sc.completions.items():
-            if k not in completions or c[0] >= completions[k][0]:
-                completions[k] = c
-        for k, p in sc.plans.items():
-            seen = facts.plans.get(k)
-            if seen is None or p.entry_ms < seen.entry_ms:
-                facts.plans[k] = p
-        for src, dst in ((sc.decisions, facts.decisions), (sc.takes, facts.takes),
-                         (sc.results, facts.results)):
-            if not dst:
-                dst.update(src)
-            else:
-                for k, xs in src.items():
-                    if k in dst:
-                        dst[k].extend(xs)
-                    else:
-                        dst[k] = xs
-        ordered.extend(sc.ordered)
     # Files (and parts of files) are scanned in no particular order: lists in time order.
     for ds in facts.decisions.values():
         if len(ds) > 1:
             ds.sort(key=lambda d: (d.entry_ms, d.entry_id))
-    for ts in facts.takes.values():
+    for ts in facts.take_fails.values():
         if len(ts) > 1:
-            ts.sort(key=lambda t: t[1])
-    for rs in facts.results.values():
+            ts.sort()
+    for rs in facts.aborts.values():
         if len(rs) > 1:
             rs.sort(key=lambda r: r[0])
-    # A submit's status is its last completion, when that came after its last invoke.
-    for k, (t_inv, s) in invokes.items():
-        c = completions.get(k)
-        if c is not None and c[0] >= t_inv:
-            s.status, s.wall_ms = c[1], c[2]
-        facts.submits[k] = s
     ordered.sort(key=lambda x: (x[0], x[1]))
     return ordered
 
@@ -651,16 +839,22 @@ def _line_end(path: Path, at: int) -> int:
         return fh.tell()
 
 
-def _scan_files(files: list[Path], workers: int | None) -> list[_Scan]:
+def _scan_files(files: list[Path], workers: int | None,
+                meanwhile: Callable[[], None] = lambda: None) -> list[_Scan]:
+    """The scans of the files; ``meanwhile`` is run by this process once its own share is
+    scanned, while the workers finish theirs (the ledger is read then)."""
     groups = _plan_workers(files, workers)
     if len(groups) <= 1:
-        return [_scan(groups[0] if groups else [])]
+        scans = [_scan(groups[0] if groups else [])]
+        meanwhile()
+        return scans
     if hasattr(os, "fork") and threading.active_count() == 1:
-        return _scan_forked(groups)
-    return _scan_spawned(groups)
+        return _scan_forked(groups, meanwhile)
+    return _scan_spawned(groups, meanwhile)
 
 
-def _scan_forked(groups: list[list[Segment]]) -> list[_Scan]:
+def _scan_forked(groups: list[list[Segment]],
+                 meanwhile: Callable[[], None] = lambda: None) -> list[_Scan]:
     """Scan in forked children (a few ms to start), this process taking the first share.
 
     Only when this process has no other thread, so no lock can be held at the fork. A
@@ -687,6 +881,7 @@ def _scan_forked(groups: list[list[Segment]]) -> list[_Scan]:
             os.close(w)
             children.append((pid, r))
         scans = [_scan(groups[0])]
+        meanwhile()
         for _pid, r in children:
             with os.fdopen(r, "rb", closefd=False) as fh:
                 data = fh.read()
@@ -704,13 +899,15 @@ def _scan_forked(groups: list[list[Segment]]) -> list[_Scan]:
                     os.waitpid(pid, 0)
 
 
-def _scan_spawned(groups: list[list[Segment]]) -> list[_Scan]:
+def _scan_spawned(groups: list[list[Segment]],
+                  meanwhile: Callable[[], None] = lambda: None) -> list[_Scan]:
     """Scan in fresh interpreters (~0.1 s to start) that write their scan to stdout."""
     procs = [subprocess.Popen([sys.executable, "-m", "chaos.checkers.scan_worker",
                                json.dumps(g)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for g in groups[1:]]
     try:
         scans = [_scan(groups[0])]  # this process takes a share too
+        meanwhile()
         for proc in procs:
             out, err = proc.communicate()
             if proc.returncode != 0:
@@ -729,13 +926,18 @@ def _scan_spawned(groups: list[list[Segment]]) -> list[_Scan]:
 def gc_paused() -> Iterator[None]:
     """No cyclic garbage collection inside: the facts are millions of acyclic objects that
     would each be traversed by every full collection (quadratic), and none of them is
-    garbage until the checkers are done."""
+    garbage until the checkers are done.
+
+    On the way out what was made inside is frozen (``gc.freeze``: never traversed again,
+    still freed by reference counting when dropped); else the first allocation after it
+    would start a collection over all of it (0.15 s at a million operations)."""
     was = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
         if was:
+            gc.freeze()
             gc.enable()
 
 
@@ -752,7 +954,14 @@ def _gather(run_dir: Path, workers: int | None) -> Facts:
     cfg_hash = meta.get("governor_config") or {}
     facts = Facts(run_dir=run_dir, config=GovernorConfig.from_hash(cfg_hash),
                   capital=0.0, allocation_pct=0.0, initial_regime="BASE", meta=meta)
-    ordered = _merge(facts, _scan_files(history_files(run_dir), workers))
+    def read_ledger() -> None:
+        facts.orders = load_ledger(run_dir)
+
+    scans = _scan_files(history_files(run_dir), workers, read_ledger)
+    ordered = _merge(facts, scans)
+    # The scans' own dicts stay with the facts: freeing them now would be one more pass
+    # over every plan's objects (tens of ms on a long run) for little memory.
+    facts._scans = scans
     open_faults: dict[str, FaultWindow] = {}
     regime_inv: dict[str, tuple[int, str]] = {}
     for _t, _p, op in ordered:
@@ -801,7 +1010,6 @@ def _gather(run_dir: Path, workers: int | None) -> Facts:
     facts.regimes.sort()
     facts.faults.extend(open_faults.values())
     facts.faults.sort(key=lambda w: w.start_ms)
-    facts.orders = load_ledger(run_dir)
     if not facts.capital:
         facts.capital = float(meta.get("scenario_spec", {}).get("market", {}).get("capital", 0))
         facts.allocation_pct = float(meta.get("scenario_spec", {}).get("market", {})

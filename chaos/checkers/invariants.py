@@ -13,9 +13,15 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from itertools import count, repeat
+from operator import attrgetter, itemgetter
 from typing import Any
 
 from chaos.checkers.facts import Decision, Facts, LedgerOrder, Submit
+
+_WALL_MS = attrgetter("wall_ms")
+_START = itemgetter(0)
+_OPEN_AFTER = attrgetter("open_count_after")
 
 INVARIANTS = ("slots", "one_position_per_symbol", "single_close", "capital", "fresh_intent",
               "one_decision", "liveness")
@@ -88,9 +94,12 @@ def _finish(name: str, violations: list[Violation], stats: dict[str, Any],
 def check_slots(facts: Facts) -> CheckResult:
     cfg = facts.config
     vs: list[Violation] = []
-    peak = 0
-    for o in facts.orders:
-        peak = max(peak, o.open_count_after)
+    peak = max(map(_OPEN_AFTER, facts.orders), default=0)
+    # Only an order above max_positions, or an OPEN with at least the fewest slots any regime
+    # of the run allows already open, can break the bound: the others are passed over.
+    fewest = min(cfg.slots_for(r) for r in {facts.initial_regime, *(x[2] for x in facts.regimes)})
+    suspects = [o for o in facts.orders if o.open_count_after > fewest]
+    for o in suspects:
         if o.open_count_after > cfg.max_positions:
             vs.append(Violation("slots", o.wall_ms, o.symbol, (o.plan_id,),
                                 f"<= {cfg.max_positions} open (max_positions)",
@@ -136,9 +145,7 @@ def check_one_position_per_symbol(facts: Facts) -> CheckResult:
 def check_single_close(facts: Facts) -> CheckResult:
     vs: list[Violation] = []
     closes_by_position: dict[str, list[LedgerOrder]] = defaultdict(list)
-    for o in facts.orders:
-        if o.action != "CLOSE":
-            continue
+    for o in [o for o in facts.orders if o.action == "CLOSE"]:
         if o.effect == "flip":
             vs.append(Violation("single_close", o.wall_ms, o.symbol, (o.plan_id,),
                                 "CLOSE only on an open position", "CLOSE on a flat symbol",
@@ -161,7 +168,8 @@ def check_single_close(facts: Facts) -> CheckResult:
         permits[d.symbol].append((d.entry_ms, end, d))
     overlaps = 0
     for sym, spans in permits.items():
-        spans.sort(key=lambda s: s[0])
+        if len(spans) > 1:
+            spans.sort(key=_START)
         for (s1, e1, d1), (s2, _e2, d2) in zip(spans, spans[1:], strict=False):
             if s2 < e1:
                 overlaps += 1
@@ -182,30 +190,41 @@ def check_capital(facts: Facts) -> CheckResult:
     enforce_alloc = cfg.enforce_allocation != 0 or cfg.mode == "production"
     alloc_cap = facts.capital * facts.allocation_pct
     # Timeline of OPEN permits (Redis time) and executions (ledger): open + permitted notional.
+    # Events are (ms, kind, n, x), kind 0 a permit, 1 a permit settling without an order, 2 an
+    # order (which settles its plan's permit too); n keeps ties in insertion order.
     opens_exec = {o.plan_id: o for o in facts.orders if o.action == "OPEN" and o.executed}
-    events: list[tuple[int, int, int, str, Any]] = []
+    events: list[tuple[int, int, int, Any]] = []
+    notional_of = facts.notional
+    max_trade = cfg.max_notional_per_trade + 1e-9
+    ttl = cfg.permit_ttl_ms
+    n = 0
     for pid, d in facts.permits().items():
         if d.action != "OPEN":
             continue
-        notional = facts.notional(pid)
+        notional = notional_of(pid)
         if notional is None:
             continue
-        if notional > cfg.max_notional_per_trade + 1e-9:
+        if notional > max_trade:
             vs.append(Violation("capital", d.entry_ms, d.symbol, (pid,),
                                 f"<= {cfg.max_notional_per_trade} per trade", f"{notional}",
                                 f"OPEN {pid} permitted for {notional}, above "
                                 f"max_notional_per_trade", (_decision_event(d),),
                                 tuple(facts.fault_at(d.entry_ms))))
+        t = d.entry_ms
+        events.append((t, 0, n, (pid, d, round(notional * 1_000_000))))
+        n += 1
         o = opens_exec.get(pid)
+        if o is not None and o.wall_ms >= t:
+            continue  # settled by its order's event (the same time, after every permit)
         if o is not None:
             end = o.wall_ms
         else:
             fails = facts.failed_takes(pid)
-            end = min(fails) if fails else d.entry_ms + cfg.permit_ttl_ms
-        events.append((d.entry_ms, 0, len(events), "permit", (pid, d, notional)))
-        events.append((max(end, d.entry_ms), 1, len(events), "settle", pid))
-    for o in facts.orders:
-        events.append((o.wall_ms, 2, len(events), "order", o))
+            end = min(fails) if fails else t + ttl
+        events.append((max(end, t), 1, n, pid))
+        n += 1
+    orders = facts.orders
+    events.extend(zip(map(_WALL_MS, orders), repeat(2), count(n), orders))
     events.sort()  # by time, then kind, then insertion: plain tuple order, no key function
     # Running totals (open + permitted, overall and per symbol), O(1) per event, kept in
     # integer micro-units so that a million additions and removals do not drift.
@@ -215,51 +234,58 @@ def check_capital(facts: Facts) -> CheckResult:
     total = 0
     max_total = _micro(cfg.max_total_notional)
     max_on = _micro(alloc_cap)
+    check_on = enforce_alloc and alloc_cap > 0
+    no_pending = ("", 0)
 
-    def unpend(pid: str) -> int:
-        sym, n = pending.pop(pid, ("", 0))
-        if sym:
-            pending_on[sym] -= n
-        return n
-
-    for _ms, _k, _i, kind, x in events:
-        if kind == "permit":
-            pid, d, notional = x
-            n = _micro(notional)
-            total -= unpend(pid)
-            pending[pid] = (d.symbol, n)
-            pending_on[d.symbol] += n
-            total += n
+    for _ms, kind, _n, x in events:
+        if kind == 0:
+            pid, d, m = x
+            if pid in pending:
+                sym, was = pending.pop(pid)
+                pending_on[sym] -= was
+                total -= was
+            sym = d.symbol
+            pending[pid] = (sym, m)
+            pending_on[sym] += m
+            total += m
             if total > max_total + 1:
-                vs.append(Violation("capital", d.entry_ms, d.symbol, (pid,),
+                vs.append(Violation("capital", d.entry_ms, sym, (pid,),
                                     f"<= {cfg.max_total_notional} open + permitted",
                                     f"{total / 1e6:.2f}", f"OPEN {pid} permitted with "
                                     f"{total / 1e6:.2f} open + permitted in total",
                                     (_decision_event(d),), tuple(facts.fault_at(d.entry_ms))))
-            if enforce_alloc and alloc_cap > 0:
-                on_sym = open_on[d.symbol] + pending_on[d.symbol]
+            if check_on:
+                on_sym = open_on[sym] + pending_on[sym]
                 if on_sym > max_on + 1:
-                    vs.append(Violation("capital", d.entry_ms, d.symbol, (pid,),
-                                        f"<= {alloc_cap:.2f} on {d.symbol} (capital x "
+                    vs.append(Violation("capital", d.entry_ms, sym, (pid,),
+                                        f"<= {alloc_cap:.2f} on {sym} (capital x "
                                         f"allocation_pct)", f"{on_sym / 1e6:.2f}",
                                         f"OPEN {pid} permitted with {on_sym / 1e6:.2f} open + "
-                                        f"permitted on {d.symbol}", (_decision_event(d),),
+                                        f"permitted on {sym}", (_decision_event(d),),
                                         tuple(facts.fault_at(d.entry_ms))))
-        elif kind == "settle":
-            total -= unpend(x)
-        else:
-            o: LedgerOrder = x
-            total -= unpend(o.plan_id)
-            if not o.executed:
-                continue
-            before = open_on[o.symbol]
-            if o.action == "OPEN":
-                open_on[o.symbol] = before + _micro(o.notional)
-            elif o.effect == "close":
-                open_on[o.symbol] = 0
-            elif o.effect == "flip":
-                open_on[o.symbol] = _micro(o.notional)
-            total += open_on[o.symbol] - before
+            continue
+        if kind == 1:
+            sym, was = pending.pop(x, no_pending)
+            if sym:
+                pending_on[sym] -= was
+                total -= was
+            continue
+        o: LedgerOrder = x
+        sym, was = pending.pop(o.plan_id, no_pending)
+        if sym:
+            pending_on[sym] -= was
+            total -= was
+        if not o.executed:
+            continue
+        sym = o.symbol
+        before = open_on[sym]
+        if o.action == "OPEN":
+            open_on[sym] = before + round(o.notional * 1_000_000)
+        elif o.effect == "close":
+            open_on[sym] = 0
+        elif o.effect == "flip":
+            open_on[sym] = round(o.notional * 1_000_000)
+        total += open_on[sym] - before
     return _finish("capital", vs, {"allocation_enforced": enforce_alloc})
 
 
@@ -272,11 +298,12 @@ def check_fresh_intent(facts: Facts) -> CheckResult:
     max_age = facts.config.max_intent_age_ms
     vs = []
     checked = 0
+    created_ms = facts.created_ms
     for pid, ds in facts.decisions.items():
         for d in ds:
             if d.decision != "PERMIT":
                 continue
-            created = facts.created_ms(pid)
+            created = created_ms(pid)
             if created is None:
                 continue
             checked += 1
@@ -299,8 +326,14 @@ def check_one_decision(facts: Facts, deadline_ms: int = 60_000) -> CheckResult:
               or facts.last_ms or 0)
     data_lost = facts.stream_resets > 0
     expected = 0
+    decisions = facts.decisions
     for pid, s in facts.submits.items():
-        ds = facts.decisions.get(pid, [])
+        ds = decisions.get(pid, ())
+        if len(ds) == 1 and s.status == "ok" and not s.malformed:  # the common case
+            expected += 1
+            if ds[0].entry_ms - s.wall_ms > deadline_ms:
+                vs.append(_late(facts, pid, ds[0], s, deadline_ms))
+            continue
         if len(ds) > 1:
             differ = len({(d.decision, d.reason) for d in ds}) > 1
             vs.append(Violation("one_decision", ds[1].entry_ms, ds[0].symbol, (pid,),
@@ -315,11 +348,7 @@ def check_one_decision(facts: Facts, deadline_ms: int = 60_000) -> CheckResult:
         expected += 1
         if ds:
             if ds[0].entry_ms - s.wall_ms > deadline_ms:
-                vs.append(Violation("one_decision", ds[0].entry_ms, ds[0].symbol, (pid,),
-                                    f"a decision within {deadline_ms} ms",
-                                    f"after {ds[0].entry_ms - s.wall_ms} ms",
-                                    f"plan {pid} was decided late", (_decision_event(ds[0]),),
-                                    tuple(facts.fault_at(ds[0].entry_ms))))
+                vs.append(_late(facts, pid, ds[0], s, deadline_ms))
             continue
         if data_lost:
             continue  # the plan may have been lost with Redis's data: unknown, not invalid
@@ -330,8 +359,9 @@ def check_one_decision(facts: Facts, deadline_ms: int = 60_000) -> CheckResult:
                             ({"what": "submit", "plan_id": pid, "wall_ms": s.wall_ms},),
                             tuple(facts.fault_at(s.wall_ms))))
     # Decisions for plans of other origins (rotation) may also be doubled.
-    for pid, ds in facts.decisions.items():
-        if pid not in facts.submits and len(ds) > 1:
+    submits = facts.submits
+    for pid, ds in decisions.items():
+        if len(ds) > 1 and pid not in submits:
             vs.append(Violation("one_decision", ds[1].entry_ms, ds[0].symbol, (pid,),
                                 "exactly one decision", f"{len(ds)} decisions",
                                 f"plan {pid} got {len(ds)} decisions",
@@ -340,6 +370,13 @@ def check_one_decision(facts: Facts, deadline_ms: int = 60_000) -> CheckResult:
     note = "Redis lost data during the run: undecided plans are unknown" if data_lost else ""
     return _finish("one_decision", vs, {"plans_expected": expected}, note if data_lost and
                    not vs else "")
+
+
+def _late(facts: Facts, pid: str, d: Decision, s: Submit, deadline_ms: int) -> Violation:
+    return Violation("one_decision", d.entry_ms, d.symbol, (pid,),
+                     f"a decision within {deadline_ms} ms", f"after {d.entry_ms - s.wall_ms} ms",
+                     f"plan {pid} was decided late", (_decision_event(d),),
+                     tuple(facts.fault_at(d.entry_ms)))
 
 
 def _answerable(s: Submit) -> bool:

@@ -436,7 +436,7 @@ def exit_lock_ops(facts: Facts) -> tuple[ExitLockModel, list[Operation]]:
         o = first_order.get(pid)
         ends = [o.wall_ms] if o is not None else []
         ends += facts.failed_takes(pid)
-        ends += [ms for ms, status in facts.results.get(pid, ()) if status != "executed"]
+        ends += [ms for ms, _status in facts.aborts.get(pid, ())]
         end = max(min(ends) if ends else d.entry_ms + ttl, d.entry_ms)
         effect = o.effect if o is not None and o.wall_ms == end else "none"
         ops.append(Operation(pid, ("unlock", d.symbol, effect), end, "ok"))
