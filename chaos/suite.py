@@ -9,11 +9,14 @@ on a 2-core machine.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import multiprocessing
 import os
 import time
 import xml.etree.ElementTree as ET
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,11 @@ from chaos.runner import HarnessError, RunOptions, run
 log = logging.getLogger(__name__)
 
 QUICK_DURATION_S = 6.0
+# The sequential-model check is a second opinion: on an invalid history its search can take
+# its whole time limit (it is looking for an order that does not exist). --quick gives it
+# less; its verdict is then unknown, and the invariant checkers decide.
+QUICK_MODEL_TIMEOUT_S = 2.0
+MODEL_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -63,6 +71,29 @@ def run_suite(out_dir: Path, *, governor: str = "reference", governor_cmd: str |
               redis_url: str | None = None) -> tuple[bool | None, list[ScenarioOutcome]]:
     out_dir.mkdir(parents=True, exist_ok=True)
     outcomes: list[ScenarioOutcome] = []
+    reports = _ReportWriter()
+    try:
+        _run_all(out_dir, outcomes, reports, governor=governor, governor_cmd=governor_cmd,
+                 quick=quick, seeds=seeds, first_seed=first_seed, names=names,
+                 progress=progress, redis_kind=redis_kind, redis_url=redis_url)
+    except BaseException:
+        reports.close(cancel=True)  # interrupted or failed: the queued reports are dropped
+        raise
+    reports.close()
+    for oc in outcomes:
+        err = reports.errors.get(oc.run_dir)
+        if err:
+            log.warning("report for %s not written: %s", oc.run_dir, err)
+    values = [o.valid for o in outcomes]
+    valid: bool | None = False if False in values else (None if None in values else True)
+    write_summary(out_dir, valid, outcomes, governor_cmd or governor)
+    return valid, outcomes
+
+
+def _run_all(out_dir: Path, outcomes: list[ScenarioOutcome], reports: _ReportWriter, *,
+             governor: str, governor_cmd: str | None, quick: bool, seeds: int,
+             first_seed: int | None, names: list[str] | None, progress: bool,
+             redis_kind: str | None, redis_url: str | None) -> None:
     for sc in suite_scenarios(names):
         for k in range(seeds):
             base = sc.seed if first_seed is None else first_seed
@@ -78,7 +109,8 @@ def run_suite(out_dir: Path, *, governor: str = "reference", governor_cmd: str |
                                      out=run_dir, progress=False, redis_kind=redis_kind,
                                      redis_url=redis_url,
                                      probe_max_wait_s=30.0 if quick else 120.0))
-                v: Verdict = check_run(res.run_dir)
+                v: Verdict = check_run(res.run_dir, model_timeout_s=QUICK_MODEL_TIMEOUT_S
+                                       if quick else MODEL_TIMEOUT_S)
                 oc.valid = v.valid if res.status == "complete" else None
                 for name, r in v.results.items():
                     if r.violations:
@@ -88,9 +120,7 @@ def run_suite(out_dir: Path, *, governor: str = "reference", governor_cmd: str |
                     oc.first_violation_s = round(first, 2)
                 oc.messages = [x.message for x in v.violations[:3]]
                 if oc.valid is not True:  # reports where there is something to look at
-                    from chaos.report import write_report
-
-                    write_report(res.run_dir, v)
+                    reports.submit(res.run_dir, v)
             except HarnessError as exc:
                 oc.error = str(exc)
                 raise
@@ -101,10 +131,53 @@ def run_suite(out_dir: Path, *, governor: str = "reference", governor_cmd: str |
             outcomes.append(oc)
             if progress:
                 print(_row(oc), flush=True)
-    values = [o.valid for o in outcomes]
-    valid: bool | None = False if False in values else (None if None in values else True)
-    write_summary(out_dir, valid, outcomes, governor_cmd or governor)
-    return valid, outcomes
+
+
+class _ReportWriter:
+    """Writes the reports of the suite's runs in one background process, at low priority,
+    while the next scenarios run: a report is a few seconds of plotting, and a run spends
+    most of its time waiting (for the load's duration, for TTLs before its probe).
+    Closing waits for every report, and stops the process."""
+
+    def __init__(self) -> None:
+        self._pool: ProcessPoolExecutor | None = None
+        self._jobs: list[tuple[Path, Future[None]]] = []
+        self.errors: dict[Path, str] = {}
+
+    def submit(self, run_dir: Path, verdict: Verdict) -> None:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_report_worker_init)
+        self._jobs.append((run_dir, self._pool.submit(_write_report, run_dir, verdict)))
+
+    def close(self, cancel: bool = False) -> None:
+        if self._pool is None:
+            return
+        if cancel:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+            return
+        try:
+            for run_dir, job in self._jobs:
+                try:
+                    job.result()
+                except Exception as exc:  # noqa: BLE001 - a report must not sink the suite
+                    self.errors[run_dir] = f"{type(exc).__name__}: {exc}"
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+def _report_worker_init() -> None:
+    with contextlib.suppress(OSError):
+        os.nice(10)  # the scenario running meanwhile comes first
+
+
+def _write_report(run_dir: Path, verdict: Verdict) -> None:
+    from chaos.report import write_report
+
+    write_report(run_dir, verdict)
 
 
 HEADER = f"{'scenario':<22} {'seed':>4} {'verdict':<8} {'first':>6}  violations"

@@ -150,3 +150,29 @@ def test_model_checker_agrees_with_the_invariant_checkers(tmp_path: Path) -> Non
         results = json.loads((out / "results.json").read_text())
         assert results["models"]["slots_model"]["valid"] is expect
         assert results["models_agree"] is True
+
+
+def test_suite_writes_reports_in_the_background_and_stops_its_processes(tmp_path: Path) -> None:
+    # Two small scenarios against the legacy governor: both invalid, so both get a report,
+    # written by the suite's report process while the second scenario runs.
+    out = tmp_path / "suite"
+    a, b = scenario(tmp_path, "sa", 2), scenario(tmp_path, "sb", 2)
+    before = _spawned_workers()
+    p = chaos("suite", "--governor", "legacy", "--quick", "--out", str(out),
+              "--scenario", str(a), "--scenario", str(b), timeout=240)
+    assert p.returncode == 1, p.stdout + p.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["valid"] is False
+    names = [s["name"] for s in summary["scenarios"]]
+    assert names == ["small-sa", "small-sb"]
+    for name in names:
+        assert (out / name / "report.html").stat().st_size > 10_000
+        assert (out / name / "plots" / "open_positions.png").exists()
+    assert "report for" not in p.stderr  # no report failed
+    # The report process was stopped with the suite: no child of the suite is left.
+    assert _spawned_workers() == before, "the suite's report process outlived it"
+
+
+def _spawned_workers() -> set[str]:
+    p = subprocess.run(["pgrep", "-f", "multiprocessing.spawn"], capture_output=True, text=True)
+    return set(p.stdout.split())
