@@ -167,6 +167,37 @@ def test_lines_with_unexpected_types_are_read_field_by_field(tmp_path: Path) -> 
     assert f.submits[7].malformed == "plan"
 
 
+def test_values_outside_the_known_ones_are_kept_as_they_are(tmp_path: Path) -> None:
+    # action, decision, status and type are read as Literals (shared strings) in the fast
+    # path; a value outside them sends its block down the lenient path, which keeps it.
+    run = tmp_path / "run"
+    (run / "history").mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"status": "complete"}))
+    lines = [
+        {"type": "ok", "f": "decision", "process": "r", "time_ns": 1, "wall_ms": T0 + 1,
+         "key": "a", "value": {"plan_id": "a", "symbol": "X", "action": "BUY",
+                               "decision": "PERMIT", "entry_ms": T0 + 1}},
+        {"type": "ok", "f": "decision", "process": "r", "time_ns": 2, "wall_ms": T0 + 2,
+         "key": "b", "value": {"plan_id": "b", "symbol": "X", "action": "OPEN",
+                               "decision": "MAYBE", "entry_ms": T0 + 2}},
+        {"type": "ok", "f": "result", "process": "r", "time_ns": 3, "wall_ms": T0 + 3,
+         "key": "a", "value": {"status": "lost", "entry_ms": T0 + 3}},
+        {"type": "ok", "f": "result", "process": "r", "time_ns": 4, "wall_ms": T0 + 4,
+         "key": "c", "value": {"status": "executed", "entry_ms": T0 + 4}},
+        {"type": "timeout", "f": "take", "process": "a", "time_ns": 5, "wall_ms": T0 + 5,
+         "key": "a"},
+        {"type": "fail", "f": "take", "process": "a", "time_ns": 6, "wall_ms": T0 + 6,
+         "key": "b"},
+    ]
+    (run / "history" / "h.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    f = gather(run)
+    assert f.ops == 6
+    assert [(d.action, d.decision) for d in f.decisions["a"]] == [("BUY", "PERMIT")]
+    assert "b" not in f.decisions  # neither PERMIT nor BLOCK: not a decision
+    assert f.aborts == {"a": [(T0 + 3, "lost")]}  # executed results are not kept
+    assert f.take_fails == {"b": [T0 + 6]}
+
+
 def test_a_line_without_type_or_f_is_an_error(tmp_path: Path) -> None:
     run = tmp_path / "run"
     (run / "history").mkdir(parents=True)

@@ -8,14 +8,13 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from chaos.checkers.facts import Facts, gather, gc_paused
+from chaos.checkers.facts import Facts, _can_fork, gather, gc_paused
 from chaos.checkers.invariants import CHECKERS, INVARIANTS, CheckResult, Violation
 
 __all__ = ["CHECKERS", "INVARIANTS", "CheckResult", "Facts", "Verdict", "Violation",
@@ -91,7 +90,7 @@ def run_checkers(facts: Facts, parallel: bool | None = None) -> dict[str, CheckR
     if parallel is None:
         parallel = facts.ops >= PARALLEL_OPS
     forked = None
-    if parallel and hasattr(os, "fork") and threading.active_count() == 1:
+    if parallel and _can_fork():
         forked = _fork_checkers(facts, FORKED_CHECKERS)
     out: dict[str, CheckResult] = {}
     for name, fn in CHECKERS.items():

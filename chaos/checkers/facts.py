@@ -35,23 +35,28 @@ from dataclasses import dataclass, field
 from itertools import compress, repeat, starmap
 from operator import attrgetter, is_
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args, get_origin
 
 import msgspec
 
 from chaos.history import F, OpType, history_files
 from governor_ref.protocol import GovernorConfig
 
-
 # Per-plan records are msgspec Structs, decoded straight from the history lines: built in
-# C, a third of a dataclass's memory. Unknown fields of a line are skipped unread.
-class Decision(msgspec.Struct):
+# C, a third of a dataclass's memory, untracked by the cyclic GC (gc=False: they hold no
+# containers). Unknown fields of a line are skipped unread. Fields with a few known values
+# are Literals: msgspec hands out one shared string per value instead of building one per
+# line; any other value is kept as it is, by the lenient path (see ``_lenient``).
+_OpTypeLit = Literal["invoke", "ok", "fail", "info"]
+
+
+class Decision(msgspec.Struct, gc=False):
     """A PERMIT or BLOCK as the governor published it (one decision event)."""
 
     plan_id: str = ""
     symbol: str = ""
-    action: str = ""
-    decision: str = ""
+    action: Literal["OPEN", "CLOSE"] = ""  # type: ignore[assignment]
+    decision: Literal["PERMIT", "BLOCK"] = ""  # type: ignore[assignment]
     reason: str = ""
     governor: str = ""
     entry_ms: int = 0  # the event's stream id time (Redis's clock)
@@ -59,7 +64,7 @@ class Decision(msgspec.Struct):
     fence: str = ""
 
 
-class LedgerOrder(msgspec.Struct, frozen=True):
+class LedgerOrder(msgspec.Struct, frozen=True, gc=False):
     seq: int
     plan_id: str
     symbol: str
@@ -78,7 +83,7 @@ class LedgerOrder(msgspec.Struct, frozen=True):
         return not self.effect.startswith("rejected")
 
 
-class _PlanFields(msgspec.Struct):
+class _PlanFields(msgspec.Struct, gc=False):
     # The raw field values as sent: a malformed plan may carry anything.
     plan_id: Any = None
     symbol: Any = None
@@ -86,7 +91,7 @@ class _PlanFields(msgspec.Struct):
     intent_created_at_ms: Any = None
 
 
-class Submit(msgspec.Struct):
+class Submit(msgspec.Struct, gc=False):
     """A plan a producer sent, as the producer recorded it (the plan may be malformed)."""
 
     status: str  # invoke (no completion) / ok / info / fail
@@ -100,7 +105,7 @@ class Submit(msgspec.Struct):
     completed_ns: int = -1  # of the completion that gave ``status`` (the last one after it)
 
 
-class PlanEntry(msgspec.Struct):
+class PlanEntry(msgspec.Struct, gc=False):
     """The first entry of a plan id in the plan stream, as the recorder read it."""
 
     entry_ms: int = 0  # the entry's stream id time
@@ -269,7 +274,7 @@ class HistoryError(ValueError):
 # The operations as the scan decodes them: one class per ``f`` (msgspec picks it by the
 # tag), each with only the fields a checker reads: every field decoded is an object to
 # build, and the hot kinds are a million lines in a long run.
-class _Op(msgspec.Struct, tag_field="f"):
+class _Op(msgspec.Struct, tag_field="f", gc=False):
     # The scan groups a block's operations by kind (a stable sort on this) and takes each
     # group in bulk; 6: replayed in time order, 7: only counted.
     kind: ClassVar[int] = 7
@@ -280,14 +285,14 @@ class _Keyed(_Op):
     key: Any = None
 
 
-class _SubmitVal(msgspec.Struct):
+class _SubmitVal(msgspec.Struct, gc=False):
     plan: _PlanFields | None = None
     malformed: Any = None
 
 
-class _ResultVal(msgspec.Struct):
+class _ResultVal(msgspec.Struct, gc=False):
     entry_ms: int = 0
-    status: Any = None
+    status: Literal["executed", "rejected", "expired"] | None = None
 
 
 class _DecisionOp(_Keyed, tag=str(F.DECISION)):
@@ -297,7 +302,7 @@ class _DecisionOp(_Keyed, tag=str(F.DECISION)):
 
 class _SubmitOp(_Keyed, tag=str(F.SUBMIT)):
     kind: ClassVar[int] = 0
-    type: str = ""
+    type: _OpTypeLit = ""  # type: ignore[assignment]
     time_ns: int = 0
     value: _SubmitVal | None = None
 
@@ -309,7 +314,7 @@ class _PlanOp(_Keyed, tag=str(F.PLAN)):
 
 class _TakeOp(_Keyed, tag=str(F.TAKE)):
     kind: ClassVar[int] = 3
-    type: str = ""  # only a failed take says something (the permit was gone)
+    type: _OpTypeLit = ""  # type: ignore[assignment]  # only a failed take matters
 
 
 class _ResultOp(_Keyed, tag=str(F.RESULT)):
@@ -326,7 +331,7 @@ class _OrderedOp(_Keyed):
     """Operations whose meaning depends on the order of others: replayed in time order."""
 
     kind: ClassVar[int] = 6
-    type: str = ""
+    type: _OpTypeLit = ""  # type: ignore[assignment]
     time_ns: int = 0
     process: str = ""
     symbol: Any = None
@@ -442,9 +447,9 @@ def _line_error(path: str, offset: int, bad: _BadLine) -> HistoryError:
 
 
 class _Decoders:
-    def __init__(self) -> None:
-        self.one = msgspec.json.Decoder(_AnyOp)
-        self.generic = msgspec.json.Decoder()
+    # Built once, at import: a decoder's construction resolves every annotation it covers.
+    one = msgspec.json.Decoder(_AnyOp)
+    generic = msgspec.json.Decoder()
 
     def decode(self, block: bytes, first_line: int = 1) -> list[_Op]:
         """A block of lines at once; line by line (and leniently) when that fails."""
@@ -484,8 +489,14 @@ class _Decoders:
 
 
 def _lenient(x: Any, typ: Any) -> Any:
-    """``x`` as ``typ``; a struct is filled field by field, skipping fields it cannot read."""
-    args = getattr(typ, "__args__", None)
+    """``x`` as ``typ``; a struct is filled field by field, skipping fields it cannot read.
+
+    A Literal field takes any string: the Literal only makes the known values cheap."""
+    args = get_args(typ)
+    if args and any(get_origin(a) is Literal for a in (typ, *args)):
+        if isinstance(x, str):
+            return x
+        raise msgspec.ValidationError(f"expected a string, got {type(x).__name__}")
     if args:  # X | None
         typ = next(a for a in args if a is not type(None))
     if isinstance(typ, type) and issubclass(typ, msgspec.Struct):
@@ -495,7 +506,7 @@ def _lenient(x: Any, typ: Any) -> Any:
         for fld in msgspec.structs.fields(typ):
             if x.get(fld.name) is not None:
                 with suppress(msgspec.ValidationError):
-                    kw[fld.name] = msgspec.convert(x[fld.name], fld.type, strict=False)
+                    kw[fld.name] = _lenient(x[fld.name], fld.type)
         return typ(**kw)
     return msgspec.convert(x, typ, strict=False)
 
@@ -800,8 +811,16 @@ def _merge(facts: Facts, scans: list[_Scan]) -> list[tuple[int, str, _OrderedOp]
     return ordered
 
 
-# Scan in parallel when the history is at least this big (a worker starts in ~0.2 s).
+# Scan in parallel when the history is at least this big: a forked worker starts in a few
+# ms, a fresh interpreter in ~0.2 s.
+PARALLEL_BYTES_FORKED = 8 * 1024 * 1024
 PARALLEL_BYTES = 48 * 1024 * 1024
+
+
+def _can_fork() -> bool:
+    """Whether workers may be forked: only when this process has no other thread (a lock
+    one of them held at the fork would stay held in the child)."""
+    return hasattr(os, "fork") and threading.active_count() == 1
 
 
 def _plan_workers(files: list[Path], workers: int | None) -> list[list[Segment]]:
@@ -809,7 +828,8 @@ def _plan_workers(files: list[Path], workers: int | None) -> list[list[Segment]]
     sizes = [p.stat().st_size for p in files]
     total = sum(sizes)
     if workers is None:
-        workers = min(os.cpu_count() or 1, 4) if total >= PARALLEL_BYTES else 1
+        least = PARALLEL_BYTES_FORKED if _can_fork() else PARALLEL_BYTES
+        workers = min(os.cpu_count() or 1, 4) if total >= least else 1
     whole: list[Segment] = [(str(p), 0, None) for p in files]
     if workers <= 1 or total == 0:
         return [whole]
@@ -848,7 +868,7 @@ def _scan_files(files: list[Path], workers: int | None,
         scans = [_scan(groups[0] if groups else [])]
         meanwhile()
         return scans
-    if hasattr(os, "fork") and threading.active_count() == 1:
+    if _can_fork():
         return _scan_forked(groups, meanwhile)
     return _scan_spawned(groups, meanwhile)
 
