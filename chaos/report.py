@@ -87,9 +87,9 @@ def write_report(run_dir: str | Path, verdict: Verdict | None = None) -> ReportP
     """Write report.md, report.html, plots/*.png and junit.xml into ``run_dir``."""
     run_dir = Path(run_dir)
     t_start = time.perf_counter()
-    facts = gather(run_dir)
     if verdict is None:
         verdict = check_run(run_dir)  # writes results.json, which the report refers to
+    facts = verdict.facts if verdict.facts is not None else gather(run_dir)
     ctx = _Ctx(facts, verdict)
     plots = _make_plots(ctx, run_dir / PLOTS_DIR)
     md_path = run_dir / "report.md"

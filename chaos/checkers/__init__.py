@@ -30,6 +30,15 @@ class Verdict:
     # The linearizability check against a sequential model (slots, exit locks): a
     # second opinion; it must agree with the invariant checkers (see ``agreement``).
     models: dict[str, CheckResult] = field(default_factory=dict)
+    # The facts the verdict was reached on, for the report (which would otherwise gather
+    # them again). Not serialised, not pickled: a verdict sent to another process leaves
+    # them behind.
+    facts: Facts | None = field(default=None, repr=False, compare=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["facts"] = None
+        return state
 
     @property
     def agreement(self) -> bool | None:
@@ -154,7 +163,7 @@ def check_run(run_dir: str | Path, write: bool = True, models: bool = True,
     status = facts.meta.get("status")
     if status not in (None, "complete") and valid is True:
         valid = None  # an interrupted run cannot be declared valid
-    verdict = Verdict(run_dir, valid, results, {
+    verdict = Verdict(run_dir, valid, results, facts=facts, stats={
         "ops": facts.ops, "orders": len(facts.orders), "first_ms": facts.first_ms,
         "workload_start_ms": facts.phases.get("workload", {}).get("invoke"),
         "last_ms": facts.last_ms, "check_seconds": round(time.perf_counter() - t0, 3),
