@@ -9,12 +9,12 @@ import json
 import os
 import pickle
 import time
-from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from chaos.checkers.facts import Facts, _can_fork, gather, gc_paused
+from chaos.checkers.facts import Facts, Forked, ForkError, _can_fork, gather, gc_paused
 from chaos.checkers.invariants import CHECKERS, INVARIANTS, CheckResult, Violation
 
 __all__ = ["CHECKERS", "INVARIANTS", "CheckResult", "Facts", "Verdict", "Violation",
@@ -98,50 +98,22 @@ def run_checkers(facts: Facts, parallel: bool | None = None) -> dict[str, CheckR
     """Every checker's result, in ``CHECKERS`` order (``parallel``: default by size)."""
     if parallel is None:
         parallel = facts.ops >= PARALLEL_OPS
-    forked = None
+    child = None
     if parallel and _can_fork():
-        forked = _fork_checkers(facts, FORKED_CHECKERS)
+        child = Forked(lambda: pickle.dumps({n: CHECKERS[n](facts) for n in FORKED_CHECKERS},
+                                            protocol=pickle.HIGHEST_PROTOCOL))
     out: dict[str, CheckResult] = {}
-    for name, fn in CHECKERS.items():
-        if forked is None or name not in FORKED_CHECKERS:
-            out[name] = fn(facts)
-    theirs = forked() if forked is not None else None
-    for name in FORKED_CHECKERS:
-        if name not in out:
-            out[name] = theirs[name] if theirs and name in theirs else CHECKERS[name](facts)
-    return {name: out[name] for name in CHECKERS}
-
-
-def _fork_checkers(facts: Facts, names: tuple[str, ...]
-                   ) -> Callable[[], dict[str, CheckResult] | None]:
-    """Run ``names`` in a forked child; the returned call collects their results (None if
-    the child failed: the caller then runs them itself)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: results pickled into the pipe, then out without cleanup
-        code = 1
-        try:
-            os.close(r)
-            data = pickle.dumps({n: CHECKERS[n](facts) for n in names},
-                                protocol=pickle.HIGHEST_PROTOCOL)
-            with os.fdopen(w, "wb") as fh:
-                fh.write(data)
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(w)
-
-    def collect() -> dict[str, CheckResult] | None:
-        try:
-            with os.fdopen(r, "rb") as fh:
-                data = fh.read()
-        finally:
-            _, status = os.waitpid(pid, 0)
-        if status != 0 or not data:
-            return None
-        return pickle.loads(data)
-
-    return collect
+    try:
+        for name, fn in CHECKERS.items():
+            if child is None or name not in FORKED_CHECKERS:
+                out[name] = fn(facts)
+        if child is not None:
+            with suppress(ForkError):  # the child failed: its checkers run here instead
+                out.update(pickle.loads(child.result()))
+    finally:
+        if child is not None:
+            child.stop()
+    return {name: out[name] if name in out else CHECKERS[name](facts) for name in CHECKERS}
 
 
 def check_run(run_dir: str | Path, write: bool = True, models: bool = True,

@@ -28,6 +28,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+from bisect import bisect_right
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
@@ -152,7 +153,6 @@ class Facts:
     last_ms: int | None = None
     _first_order: dict[str, LedgerOrder] | None = field(default=None, repr=False)
     _permits: dict[str, Decision] | None = field(default=None, repr=False)
-    _scans: list[Any] = field(default_factory=list, repr=False)
 
     def fault_at(self, ms: int) -> list[str]:
         """The faults active at ``ms`` (for telling whether a violation came under a fault)."""
@@ -193,21 +193,20 @@ class Facts:
             raw = getattr(p, name) if p is not None else None
         return raw
 
-    def notional(self, plan_id: str) -> float | None:
-        """The plan's notional as sent (else as read from the stream); None if not a number."""
-        raw = self._plan_field(plan_id, "notional")
+    def _plan_number(self, plan_id: str, name: str, kind: type[Any]) -> Any:
+        raw = self._plan_field(plan_id, name)
         try:
-            return float(raw) if raw is not None else None
+            return kind(raw) if raw is not None else None
         except (TypeError, ValueError):
             return None
 
+    def notional(self, plan_id: str) -> float | None:
+        """The plan's notional as sent (else as read from the stream); None if not a number."""
+        return self._plan_number(plan_id, "notional", float)
+
     def created_ms(self, plan_id: str) -> int | None:
         """The plan's ``intent_created_at_ms`` as sent; None if absent or not a number."""
-        raw = self._plan_field(plan_id, "intent_created_at_ms")
-        try:
-            return int(raw) if raw is not None else None
-        except (TypeError, ValueError):
-            return None
+        return self._plan_number(plan_id, "intent_created_at_ms", int)
 
     def first_order(self) -> dict[str, LedgerOrder]:
         """Each plan's first order reaching the exchange (built once; C-level loops)."""
@@ -565,7 +564,7 @@ class _Scanner:
         start = 0
         while start < len(objs):
             k = kinds[start]
-            end = _group_end(kinds, start)
+            end = bisect_right(kinds, k, start)
             _BULK[k](sc, objs[start:end])
             start = end
 
@@ -573,19 +572,6 @@ class _Scanner:
         if self.sc.ops:
             self.sc.first_ms, self.sc.last_ms = self.first, self.last
         return self.sc
-
-
-def _group_end(kinds: list[int], start: int) -> int:
-    """The end of the run of ``kinds[start]`` (kinds is sorted)."""
-    k = kinds[start]
-    lo, hi = start + 1, len(kinds)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if kinds[mid] == k:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
 
 
 def _submits(sc: _Scan, ops: list[_SubmitOp]) -> None:
@@ -873,50 +859,80 @@ def _scan_files(files: list[Path], workers: int | None,
     return _scan_spawned(groups, meanwhile)
 
 
+class ForkError(RuntimeError):
+    """Work run in a forked child failed (the message is the child's error)."""
+
+
+class Forked:
+    """``work()`` run in a forked child (a few ms to start; only where :func:`_can_fork`).
+
+    The child writes ``b"K"`` and the bytes ``work`` returned, or ``b"E"`` and its error,
+    into a pipe and leaves with ``os._exit`` (no atexit handlers, no flushing of the
+    parent's buffers). :meth:`result` waits for them; :meth:`stop` kills a child whose
+    result is no longer wanted. Either way the child is reaped."""
+
+    def __init__(self, work: Callable[[], bytes]) -> None:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child
+            os.close(r)
+            code = 0
+            try:
+                try:
+                    out = b"K" + work()
+                except BaseException as exc:  # noqa: BLE001 - reported to the parent
+                    out = b"E" + f"{type(exc).__name__}: {exc}".encode()
+                    code = 1
+                with os.fdopen(w, "wb") as fh:
+                    fh.write(out)
+            finally:
+                os._exit(code)
+        os.close(w)
+        self.pid: int | None = pid
+        self._r = r
+
+    def result(self) -> bytes:
+        """What ``work`` returned in the child (ForkError with its error otherwise)."""
+        try:
+            with os.fdopen(self._r, "rb", closefd=False) as fh:
+                data = fh.read()
+        finally:
+            self.stop()
+        if data[:1] != b"K":
+            raise ForkError(data[1:].decode(errors="replace") or "forked worker died")
+        return data[1:]
+
+    def stop(self) -> None:
+        """Close the pipe, kill the child if it still runs, and reap it."""
+        if self.pid is None:
+            return
+        pid, self.pid = self.pid, None
+        with suppress(OSError):
+            os.close(self._r)
+        with suppress(ChildProcessError):
+            if os.waitpid(pid, os.WNOHANG) == (0, 0):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+
+
 def _scan_forked(groups: list[list[Segment]],
                  meanwhile: Callable[[], None] = lambda: None) -> list[_Scan]:
-    """Scan in forked children (a few ms to start), this process taking the first share.
-
-    Only when this process has no other thread, so no lock can be held at the fork. A
-    child pickles ``("ok", scan)`` or ``("error", message)`` into its pipe and leaves with
-    ``os._exit`` (no atexit handlers, no flushing of the parent's buffers)."""
-    children: list[tuple[int, int]] = []
+    """Scan in forked children, this process taking the first share."""
+    children: list[Forked] = []
     try:
         for g in groups[1:]:
-            r, w = os.pipe()
-            pid = os.fork()
-            if pid == 0:  # the child
-                os.close(r)
-                code = 0
-                try:
-                    try:
-                        out = b"K" + encode_scan(_scan(g))
-                    except BaseException as exc:  # noqa: BLE001 - reported to the parent
-                        out = b"E" + f"{type(exc).__name__}: {exc}".encode()
-                        code = 1
-                    with os.fdopen(w, "wb") as fh:
-                        fh.write(out)
-                finally:
-                    os._exit(code)
-            os.close(w)
-            children.append((pid, r))
+            children.append(Forked(lambda g=g: encode_scan(_scan(g))))
         scans = [_scan(groups[0])]
         meanwhile()
-        for _pid, r in children:
-            with os.fdopen(r, "rb", closefd=False) as fh:
-                data = fh.read()
-            if data[:1] != b"K":
-                raise HistoryError(data[1:].decode(errors="replace") or "scan worker died")
-            scans.append(decode_scan(data[1:]))
+        for child in children:
+            try:
+                scans.append(decode_scan(child.result()))
+            except ForkError as exc:
+                raise HistoryError(str(exc)) from None
         return scans
     finally:
-        for pid, r in children:
-            with suppress(OSError):
-                os.close(r)
-            with suppress(ChildProcessError):
-                if os.waitpid(pid, os.WNOHANG) == (0, 0):
-                    os.kill(pid, signal.SIGKILL)
-                    os.waitpid(pid, 0)
+        for child in children:
+            child.stop()
 
 
 def _scan_spawned(groups: list[list[Segment]],
@@ -977,11 +993,7 @@ def _gather(run_dir: Path, workers: int | None) -> Facts:
     def read_ledger() -> None:
         facts.orders = load_ledger(run_dir)
 
-    scans = _scan_files(history_files(run_dir), workers, read_ledger)
-    ordered = _merge(facts, scans)
-    # The scans' own dicts stay with the facts: freeing them now would be one more pass
-    # over every plan's objects (tens of ms on a long run) for little memory.
-    facts._scans = scans
+    ordered = _merge(facts, _scan_files(history_files(run_dir), workers, read_ledger))
     open_faults: dict[str, FaultWindow] = {}
     regime_inv: dict[str, tuple[int, str]] = {}
     for _t, _p, op in ordered:

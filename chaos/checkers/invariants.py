@@ -211,7 +211,7 @@ def check_capital(facts: Facts) -> CheckResult:
                                 f"max_notional_per_trade", (_decision_event(d),),
                                 tuple(facts.fault_at(d.entry_ms))))
         t = d.entry_ms
-        events.append((t, 0, n, (pid, d, round(notional * 1_000_000))))
+        events.append((t, 0, n, (pid, d, _micro(notional))))
         n += 1
         o = opens_exec.get(pid)
         if o is not None and o.wall_ms >= t:
@@ -280,11 +280,11 @@ def check_capital(facts: Facts) -> CheckResult:
         sym = o.symbol
         before = open_on[sym]
         if o.action == "OPEN":
-            open_on[sym] = before + round(o.notional * 1_000_000)
+            open_on[sym] = before + _micro(o.notional)
         elif o.effect == "close":
             open_on[sym] = 0
         elif o.effect == "flip":
-            open_on[sym] = round(o.notional * 1_000_000)
+            open_on[sym] = _micro(o.notional)
         total += open_on[sym] - before
     return _finish("capital", vs, {"allocation_enforced": enforce_alloc})
 
