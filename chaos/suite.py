@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from chaos import scenario as scn
-from chaos.checkers import INVARIANTS, Verdict, check_run
+from chaos.checkers import INVARIANTS, Verdict, check_run, combine
 from chaos.runner import HarnessError, RunOptions, run
 
 log = logging.getLogger(__name__)
@@ -84,8 +84,7 @@ def run_suite(out_dir: Path, *, governor: str = "reference", governor_cmd: str |
         err = reports.errors.get(oc.run_dir)
         if err:
             log.warning("report for %s not written: %s", oc.run_dir, err)
-    values = [o.valid for o in outcomes]
-    valid: bool | None = False if False in values else (None if None in values else True)
+    valid = combine(o.valid for o in outcomes)
     write_summary(out_dir, valid, outcomes, governor_cmd or governor)
     return valid, outcomes
 
@@ -152,14 +151,11 @@ class _ReportWriter:
         self._jobs.append((run_dir, self._pool.submit(_write_report, run_dir, verdict)))
 
     def close(self, cancel: bool = False) -> None:
+        """Wait for every report (``cancel``: drop those not started), then stop."""
         if self._pool is None:
             return
-        if cancel:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
-            return
         try:
-            for run_dir, job in self._jobs:
+            for run_dir, job in [] if cancel else self._jobs:
                 try:
                     job.result()
                 except Exception as exc:  # noqa: BLE001 - a report must not sink the suite

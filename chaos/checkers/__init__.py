@@ -9,6 +9,7 @@ import json
 import os
 import pickle
 import time
+from collections.abc import Iterable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from chaos.checkers.facts import Facts, Forked, ForkError, _can_fork, gather, gc
 from chaos.checkers.invariants import CHECKERS, INVARIANTS, CheckResult, Violation
 
 __all__ = ["CHECKERS", "INVARIANTS", "CheckResult", "Facts", "Verdict", "Violation",
-           "check_run", "gather", "run_checkers"]
+           "check_run", "combine", "gather", "run_checkers"]
 
 
 @dataclass
@@ -94,6 +95,12 @@ PARALLEL_OPS = 50_000
 FORKED_CHECKERS = ("single_close", "one_decision")
 
 
+def combine(verdicts: Iterable[bool | None]) -> bool | None:
+    """One verdict of several: invalid if any is, else unknown if any is, else valid."""
+    values = list(verdicts)
+    return False if False in values else (None if None in values else True)
+
+
 def run_checkers(facts: Facts, parallel: bool | None = None) -> dict[str, CheckResult]:
     """Every checker's result, in ``CHECKERS`` order (``parallel``: default by size)."""
     if parallel is None:
@@ -130,8 +137,7 @@ def check_run(run_dir: str | Path, write: bool = True, models: bool = True,
         r = results[name]
         results[name] = CheckResult(name, None, [], r.stats, "skipped for this run (run.json "
                                     "checks_skipped)" + (f": {r.note}" if r.note else ""))
-    values = [r.valid for name, r in results.items() if name not in skipped]
-    valid: bool | None = False if False in values else (None if None in values else True)
+    valid = combine(r.valid for name, r in results.items() if name not in skipped)
     status = facts.meta.get("status")
     if status not in (None, "complete") and valid is True:
         valid = None  # an interrupted run cannot be declared valid
