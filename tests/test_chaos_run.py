@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -157,9 +158,12 @@ def test_suite_writes_reports_in_the_background_and_stops_its_processes(tmp_path
     # written by the suite's report process while the second scenario runs.
     out = tmp_path / "suite"
     a, b = scenario(tmp_path, "sa", 2), scenario(tmp_path, "sb", 2)
-    before = _spawned_workers()
-    p = chaos("suite", "--governor", "legacy", "--quick", "--out", str(out),
-              "--scenario", str(a), "--scenario", str(b), timeout=240)
+    # Every process the suite starts inherits this mark (other tests run beside this one).
+    mark = f"CHAOS_TEST_SUITE_MARK={uuid.uuid4().hex}"
+    p = subprocess.run([sys.executable, "-m", "chaos", "suite", "--governor", "legacy",
+                        "--quick", "--out", str(out), "--scenario", str(a), "--scenario",
+                        str(b)], capture_output=True, text=True, timeout=240,
+                       env={**os.environ, mark.split("=")[0]: mark.split("=")[1]})
     assert p.returncode == 1, p.stdout + p.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["valid"] is False
@@ -169,10 +173,17 @@ def test_suite_writes_reports_in_the_background_and_stops_its_processes(tmp_path
         assert (out / name / "report.html").stat().st_size > 10_000
         assert (out / name / "plots" / "open_positions.png").exists()
     assert "report for" not in p.stderr  # no report failed
-    # The report process was stopped with the suite: no child of the suite is left.
-    assert _spawned_workers() == before, "the suite's report process outlived it"
+    # The report process (and everything else the suite started) stopped with it.
+    assert _marked_processes(mark) == [], "a process of the suite outlived it"
 
 
-def _spawned_workers() -> set[str]:
-    p = subprocess.run(["pgrep", "-f", "multiprocessing.spawn"], capture_output=True, text=True)
-    return set(p.stdout.split())
+def _marked_processes(mark: str) -> list[int]:
+    """The processes whose environment holds ``mark``."""
+    found = []
+    for env in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if mark.encode() in env.read_bytes().split(b"\0"):
+                found.append(int(env.parent.name))
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+    return found
