@@ -103,15 +103,51 @@ def _bound(text: str) -> object:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: stops a run or a suite exactly as Ctrl-C does (teardown in order, run.json
+    ``interrupted``, exit 2). Without it SIGTERM would end the harness at once and leave
+    its Redis, governors and temp dir behind (the reaper would still kill them, but the run
+    directory would say ``running`` and lose its end)."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated(f"signal {signum}")
+
+
+def _install_stop_signals() -> dict[int, object]:
+    """SIGINT and SIGTERM raise in the main thread; returns the handlers to restore."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    old = {signal.SIGINT: signal.getsignal(signal.SIGINT),
+           signal.SIGTERM: signal.getsignal(signal.SIGTERM)}
+    # A process started with SIGINT ignored (a background job of a script, some test
+    # runners' workers) keeps it ignored; Python would then never raise
+    # KeyboardInterrupt, and Ctrl-C / kill -INT could not stop a run cleanly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    return old
+
+
+def _restore_signals(old: dict[int, object]) -> None:
+    for sig, handler in old.items():
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)  # type: ignore[arg-type]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    if threading.current_thread() is threading.main_thread():
-        # A process started with SIGINT ignored (a background job of a script, some test
-        # runners' workers) keeps it ignored; Python would then never raise
-        # KeyboardInterrupt, and Ctrl-C / kill -INT could not stop a run cleanly.
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    old = _install_stop_signals()
+    try:
+        return _main(args)
+    except KeyboardInterrupt:  # before or after a run's own handling: still unknown
+        print("interrupted", file=sys.stderr)
+        return EXIT_UNKNOWN
+    finally:
+        _restore_signals(old)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         if args.command == "scenarios":
             return _scenarios()
@@ -136,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_VALID if res.ok else EXIT_INVALID
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return EXIT_HARNESS
+        return EXIT_UNKNOWN
     except Exception as exc:  # noqa: BLE001 - the harness failing is its own exit code
         logging.getLogger("chaos").exception("harness failure")
         print(f"chaos: harness failure: {exc}", file=sys.stderr)
@@ -222,7 +258,7 @@ def _suite(args: argparse.Namespace) -> int:
 
     from chaos import scenario as scn
     from chaos.runner import HarnessError
-    from chaos.suite import HEADER, run_suite
+    from chaos.suite import HEADER, SuiteInterrupted, run_suite
 
     if args.seeds < 1:
         print("chaos suite: --seeds must be >= 1", file=sys.stderr)
@@ -243,6 +279,10 @@ def _suite(args: argparse.Namespace) -> int:
     except HarnessError as exc:
         print(f"chaos suite: {exc}", file=sys.stderr)
         return EXIT_HARNESS
+    except SuiteInterrupted as exc:
+        print(f"\nsuite interrupted after {len(exc.outcomes)} scenario run(s); "
+              f"summary in {out}/summary.md")
+        return EXIT_UNKNOWN
     word = {True: "VALID", False: "INVALID", None: "UNKNOWN"}[valid]
     print(f"\nsuite verdict: {word}; summary in {out}/summary.md")
     return EXIT_VALID if valid is True else (EXIT_INVALID if valid is False else EXIT_UNKNOWN)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import redis
 
+from chaos import reaper
 from chaos.apply_layer import ApplyConfig, ApplyLayer
 from chaos.exchange import Exchange
 from chaos.redis_servers import EmbeddedRedis
@@ -119,8 +120,11 @@ def run_demo(seconds: float = 10.0, governors: int = 3, variant: str = "referenc
             env = dict(os.environ, REDIS_URL=server.url, GOVERNOR_PREFIX=k.prefix,
                        GOVERNOR_CONSUMER=f"gov-{i + 1}", GOVERNOR_VARIANT=variant)
             logf = open(run_dir / "logs" / f"gov-{i + 1}.log", "ab")  # noqa: SIM115
+            # Own session: Ctrl-C is the demo's to handle (it stops the governors itself).
             procs.append(subprocess.Popen([sys.executable, "-m", "governor_ref", "run"],
-                                          env=env, stdout=logf, stderr=subprocess.STDOUT))
+                                          env=env, stdout=logf, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+            reaper.watch(procs[-1].pid, group=True)
             logf.close()
         apply = ApplyLayer(server.url, k, exchange,
                            ApplyConfig(open_latency_ms=10, open_jitter_ms=30,
@@ -172,6 +176,7 @@ def run_demo(seconds: float = 10.0, governors: int = 3, variant: str = "referenc
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+            reaper.forget(p.pid)
         exchange.close()
         server.stop()
     return result

@@ -69,6 +69,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self
 
+from chaos import reaper
+
 log = logging.getLogger(__name__)
 
 LISTEN_HOST = "127.0.0.1"
@@ -563,8 +565,10 @@ class FaultProxy:
                 cmd += ["--seed", str(self.seed)]
             self._buf = b""
             self._proc = subprocess.Popen(
-                cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True
+                cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True,
+                start_new_session=True,  # out of the terminal's process group (Ctrl-C)
             )
+            reaper.watch(self._proc.pid, group=True)
             try:
                 result = self._read_reply(self.start_timeout)
             except BaseException:
@@ -759,6 +763,7 @@ class FaultProxy:
             proc.wait(timeout=_STOP_TIMEOUT)
         if proc.stdout is not None:
             proc.stdout.close()
+        reaper.forget(proc.pid)
         self._proc = None
 
 

@@ -45,6 +45,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from chaos import reaper
+
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
@@ -209,12 +211,14 @@ _owned_dirs: set[str] = set()
 def _register(proc: subprocess.Popen[bytes]) -> None:
     with _registry_lock:
         _live[proc.pid] = proc
+    reaper.watch(proc.pid, group=True)  # killed even if the harness is SIGKILLed
 
 
 def _unregister(proc: subprocess.Popen[bytes]) -> None:
     with _registry_lock:
         if _live.get(proc.pid) is proc:
             del _live[proc.pid]
+    reaper.forget(proc.pid)
 
 
 def running_pids() -> list[int]:
@@ -604,6 +608,7 @@ class EmbeddedRedis(RedisProvider):
             shutil.rmtree(self._data_dir, ignore_errors=True)
             with _registry_lock:
                 _owned_dirs.discard(str(self._data_dir))
+            reaper.forget_dir(self._data_dir)
             self._data_dir = None
             self._configured = False
             self._port = self._requested_port
@@ -692,6 +697,7 @@ class EmbeddedRedis(RedisProvider):
             self._data_dir = Path(tempfile.mkdtemp(prefix=f"chaos-{self.name}-"))
             with _registry_lock:
                 _owned_dirs.add(str(self._data_dir))
+            reaper.watch_dir(self._data_dir)
         self._data_dir.mkdir(parents=True, exist_ok=True)
 
     def _launch(self, port: int) -> None:
@@ -708,6 +714,9 @@ class EmbeddedRedis(RedisProvider):
                 stderr=subprocess.STDOUT,
                 cwd=self.data_dir,
                 close_fds=True,
+                # Out of the terminal's process group: a Ctrl-C is the harness's to handle
+                # (it stops the run in order); it must not shut Redis down under the run.
+                start_new_session=True,
             )
         _register(proc)
         try:

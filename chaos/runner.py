@@ -20,9 +20,11 @@ import json
 import logging
 import os
 import platform
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ import redis
 from chaos import scenario as scn
 from chaos.apply_layer import ApplyConfig, ApplyLayer
 from chaos.exchange import Exchange, Order
-from chaos.history import F, HistoryWriter
+from chaos.history import F, HistoryWriter, Op, OpType, write_history
 from chaos.probe import PROBE_SYMBOLS, ProbeOutcome, run_probe
 from chaos.recorder import StreamRecorder, apply_hook, supervisor_hook
 from chaos.redis_servers import EmbeddedConfig, RedisProvider, provide
@@ -43,6 +45,8 @@ from governor_ref.keys import GROUP_GOVERNOR, Keys
 log = logging.getLogger(__name__)
 
 ROOT_REPORTS = Path("reports") / "runs"
+DECISION_DEADLINE_MS = 60_000  # check_one_decision's deadline: a plan is overdue after it
+INTERRUPT_SETTLE_S = 2.0  # after Ctrl-C, what the governors get to decide what is in flight
 VARIANTS = ("reference", "seed", "legacy")
 
 
@@ -122,6 +126,9 @@ class Run:
         self.writers: list[HistoryWriter] = []
         self.meta: dict[str, Any] = {}
         self._log_handler: logging.Handler | None = None
+        self._workload_op: Op | None = None  # the workload phase's start
+        self._healed = False  # the heal phase completed (an interruption after it is judged
+        # by the usual rules)
 
     # -- helpers --------------------------------------------------------------------
     def writer(self, process: str) -> HistoryWriter:
@@ -305,7 +312,7 @@ class Run:
             self.write_inputs()
             self.start_exchange()
             self.start_governors()
-            phases.invoke(F.PHASE, key="workload")
+            self._workload_op = phases.invoke(F.PHASE, key="workload")
             t0 = time.monotonic()
             self.start_load(t0)
             self._wait(t0, self.sc.duration_s)
@@ -316,6 +323,7 @@ class Run:
                 self.nemesis.heal_all()
             self._settle()
             phases.ok(F.PHASE, key="heal")
+            self._healed = True
             if self.opts.probe:
                 phases.invoke(F.PHASE, key="probe")
                 if self.supervisor is not None:
@@ -325,9 +333,9 @@ class Run:
                                          self.sc.governor_config(), self.writer("probe"),
                                          max_wait_s=self.opts.probe_max_wait_s)
                 phases.ok(F.PHASE, key="probe", ok=result.probe.ok)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (the CLI raises a subclass)
             result.status = "interrupted"
-            phases.info(F.PHASE, key="interrupted")
+            phases.info(F.PHASE, key="interrupted", signal=type(exc).__name__)
             log.warning("interrupted: stopping and keeping what was recorded")
         except (HarnessError, scn.ScenarioError):
             result.status = "harness_error"
@@ -376,7 +384,7 @@ class Run:
         if self.nemesis is not None:
             self.nemesis.stop()
 
-    def _settle(self, timeout: float = 30.0) -> None:
+    def _settle(self, timeout: float = 30.0, quiet: bool = False) -> None:
         """Until the governors have decided every plan (or the timeout: that is evidence too)."""
         assert self.keys is not None
         deadline = time.monotonic() + timeout
@@ -387,14 +395,28 @@ class Run:
             except redis.RedisError:
                 pass
             time.sleep(0.1)
-        log.warning("plans not all decided %.0fs after the load stopped", timeout)
+        (log.info if quiet else log.warning)("plans not all decided %.0fs after the load "
+                                             "stopped", timeout)
 
     def teardown(self, result: RunResult) -> None:
+        """Stop every part in order. A Ctrl-C or SIGTERM arriving meanwhile is held until
+        the end (every step is bounded): aborting a teardown half-way would leave the run
+        directory saying ``running`` and processes for the reaper."""
+        with hold_stop_signals() as held:
+            self._teardown(result)
+        if held and result.status == "complete":
+            # The run had ended by itself; the signal still means "stop": whoever runs
+            # this run (the suite, the CLI) stops too.
+            raise KeyboardInterrupt(f"signal {held[0]} during teardown")
+
+    def _teardown(self, result: RunResult) -> None:
         steps: list[tuple[str, Callable[[], Any]]] = []
         if self.workloads is not None:
             steps.append(("workloads", lambda: self.workloads.stop(timeout=10)))
         if self.nemesis is not None:
             steps.append(("nemesis", lambda: (self.nemesis.stop(), self.nemesis.heal_all())))
+        if result.status == "interrupted":
+            steps.append(("interruption", self._wind_down))
         if self.recorder is not None:
             steps.append(("recorder", self._final_record))
         if self.supervisor is not None:
@@ -422,6 +444,32 @@ class Run:
         if self._log_handler is not None:
             logging.getLogger().removeHandler(self._log_handler)
             self._log_handler.close()
+
+    def _wind_down(self) -> None:
+        """An interrupted run ends before its heal phase: no governor had the protocol's
+        decision deadline to decide what was sent last, so nothing sent within the deadline
+        before the end may be judged "never decided" (the ``cutoff`` phase, as in an
+        import), and the probe, which never finished, is not judged (``checks_skipped``).
+        The governors get a short moment to decide what is in flight, so that the history
+        is as complete as the interruption allows."""
+        skipped = sorted({*self.meta.get("checks_skipped", ()), "liveness"})
+        self.write_meta(checks_skipped=skipped)
+        if self._healed:
+            return  # after the heal phase the normal rule (the end of that phase) holds
+        start = self._workload_op
+        if start is None:
+            return  # no plan was sent
+        if self.supervisor is not None and self.keys is not None:
+            self._settle(timeout=INTERRUPT_SETTLE_S, quiet=True)
+        wall_ms = int(time.time() * 1000)
+        cutoff = wall_ms - DECISION_DEADLINE_MS
+        t_ns = time.monotonic_ns() - DECISION_DEADLINE_MS * 1_000_000
+        if cutoff < start.wall_ms:  # never before the load began: the run's time frame
+            cutoff, t_ns = start.wall_ms - 1, start.time_ns - 2  # starts where it did
+        write_history(self.run_dir, [
+            Op(typ, str(F.PHASE), "runner", t_ns + i, cutoff, "cutoff",
+               value={"deadline_ms": DECISION_DEADLINE_MS, "interrupted_ms": wall_ms})
+            for i, typ in enumerate((OpType.INVOKE, OpType.OK))], name="runner-cutoff")
 
     def _final_record(self) -> None:
         assert self.recorder is not None
@@ -452,6 +500,29 @@ class Run:
         src = getattr(self.provider, "log_path", None)
         if src and Path(src).is_file():
             (self.run_dir / "logs" / "redis.log").write_bytes(Path(src).read_bytes())
+
+
+@contextlib.contextmanager
+def hold_stop_signals() -> Iterator[list[int]]:
+    """Hold SIGINT and SIGTERM (main thread only): the signals that arrive are listed, not
+    raised, so that a second Ctrl-C cannot cut a teardown short. Every teardown step is
+    bounded; SIGKILL still ends everything at once (and the reaper cleans up)."""
+    held: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield held
+        return
+
+    def hold(signum: int, frame: object) -> None:
+        held.append(signum)
+        log.warning("signal %d: already stopping (every step is bounded; SIGKILL to force)",
+                    signum)
+
+    old = {sig: signal.signal(sig, hold) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield held
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def _host_port(provider: RedisProvider) -> tuple[str, int]:

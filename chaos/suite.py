@@ -17,13 +17,15 @@ import os
 import time
 import xml.etree.ElementTree as ET
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from chaos import reaper
 from chaos import scenario as scn
 from chaos.checkers import INVARIANTS, Verdict, check_run, combine
-from chaos.runner import HarnessError, RunOptions, run
+from chaos.runner import HarnessError, RunOptions, hold_stop_signals, run
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,7 @@ QUICK_DURATION_S = 6.0
 # less; its verdict is then unknown, and the invariant checkers decide.
 QUICK_MODEL_TIMEOUT_S = 2.0
 MODEL_TIMEOUT_S = 10.0
+REPORT_GRACE_S = 5.0  # on Ctrl-C, what the report being written gets to finish
 
 
 @dataclass
@@ -46,13 +49,30 @@ class ScenarioOutcome:
     seconds: float = 0.0
     error: str | None = None
     messages: list[str] = field(default_factory=list)
+    interrupted: bool = False  # Ctrl-C / SIGTERM during this scenario: its verdict is unknown
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "seed": self.seed,
                 "valid": "unknown" if self.valid is None else self.valid,
                 "violations": self.violations, "time_to_first_violation_s":
                 self.first_violation_s, "seconds": round(self.seconds, 1),
-                "run_dir": str(self.run_dir), "error": self.error}
+                "run_dir": str(self.run_dir), "error": self.error,
+                "interrupted": self.interrupted}
+
+
+class SuiteInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped the suite; the summary of what ran is written (marked
+    interrupted) before this is raised. A KeyboardInterrupt, so that code that does not
+    know the suite still treats it as an interruption."""
+
+    def __init__(self, out_dir: Path, outcomes: list[ScenarioOutcome]) -> None:
+        super().__init__(f"suite interrupted; summary in {out_dir}")
+        self.out_dir = out_dir
+        self.outcomes = outcomes
+
+
+class _ScenarioInterrupted(KeyboardInterrupt):
+    """The run of a scenario came back ``interrupted``: the suite stops there."""
 
 
 def suite_scenarios(names: list[str] | None = None) -> list[scn.Scenario]:
@@ -76,10 +96,18 @@ def run_suite(out_dir: Path, *, governor: str = "reference", governor_cmd: str |
         _run_all(out_dir, outcomes, reports, governor=governor, governor_cmd=governor_cmd,
                  quick=quick, seeds=seeds, first_seed=first_seed, names=names,
                  progress=progress, redis_kind=redis_kind, redis_url=redis_url)
+        reports.close()
+    except KeyboardInterrupt:
+        # One Ctrl-C (or SIGTERM) stops the whole suite: the queued reports are dropped,
+        # the summary says what ran and that it was cut short.
+        with hold_stop_signals():
+            reports.close(cancel=True)
+            write_summary(out_dir, combine(o.valid for o in outcomes), outcomes,
+                          governor_cmd or governor, interrupted=True)
+        raise SuiteInterrupted(out_dir, outcomes) from None
     except BaseException:
-        reports.close(cancel=True)  # interrupted or failed: the queued reports are dropped
+        reports.close(cancel=True)  # failed: the queued reports are dropped
         raise
-    reports.close()
     for oc in outcomes:
         err = reports.errors.get(oc.run_dir)
         if err:
@@ -108,6 +136,8 @@ def _run_all(out_dir: Path, outcomes: list[ScenarioOutcome], reports: _ReportWri
                                      out=run_dir, progress=False, redis_kind=redis_kind,
                                      redis_url=redis_url,
                                      probe_max_wait_s=30.0 if quick else 120.0))
+                if res.status == "interrupted":
+                    raise _ScenarioInterrupted
                 v: Verdict = check_run(res.run_dir, model_timeout_s=QUICK_MODEL_TIMEOUT_S
                                        if quick else MODEL_TIMEOUT_S)
                 oc.valid = v.valid if res.status == "complete" else None
@@ -120,6 +150,16 @@ def _run_all(out_dir: Path, outcomes: list[ScenarioOutcome], reports: _ReportWri
                 oc.messages = [x.message for x in v.violations[:3]]
                 if oc.valid is not True:  # reports where there is something to look at
                     reports.submit(res.run_dir, v)
+            except KeyboardInterrupt:
+                # In the run (which tore itself down) or around it: its row is unknown, and
+                # the suite stops (run_suite writes the summary).
+                oc.valid, oc.violations, oc.first_violation_s = None, {}, None
+                oc.interrupted = True
+                oc.seconds = time.monotonic() - t0
+                outcomes.append(oc)
+                if progress:
+                    print(_row(oc), flush=True)
+                raise
             except HarnessError as exc:
                 oc.error = str(exc)
                 raise
@@ -149,12 +189,22 @@ class _ReportWriter:
                 max_workers=1, mp_context=multiprocessing.get_context("spawn"),
                 initializer=_report_worker_init)
         self._jobs.append((run_dir, self._pool.submit(_write_report, run_dir, verdict)))
+        for pid in self._worker_pids():  # started by the first submit
+            reaper.watch(pid, group=True)
+
+    def _worker_pids(self) -> list[int]:
+        procs = getattr(self._pool, "_processes", None) or {}  # no public accessor
+        return [p.pid for p in procs.values() if p.pid is not None]
 
     def close(self, cancel: bool = False) -> None:
-        """Wait for every report (``cancel``: drop those not started), then stop."""
+        """Wait for every report (``cancel``: drop those not started, give the one being
+        written a few seconds, then stop the process), then stop."""
         if self._pool is None:
             return
+        pids = self._worker_pids()
         try:
+            if cancel:
+                self._cancel()
             for run_dir, job in [] if cancel else self._jobs:
                 try:
                     job.result()
@@ -163,9 +213,34 @@ class _ReportWriter:
         finally:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+            for pid in pids:
+                reaper.forget(pid)
+
+    def _cancel(self) -> None:
+        assert self._pool is not None
+        running = [job for _, job in self._jobs if not job.cancel() and not job.done()]
+        if running:
+            futures_wait(running, timeout=REPORT_GRACE_S)
+        for run_dir, job in self._jobs:
+            if job.cancelled():
+                self.errors[run_dir] = "cancelled: the suite was interrupted"
+        procs = list((getattr(self._pool, "_processes", None) or {}).values())
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for p in procs:  # a report still being written after the grace: stopped
+            if p.is_alive():
+                log.info("stopping the report process (pid %s)", p.pid)
+                p.terminate()
+                p.join(5)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
 
 
 def _report_worker_init() -> None:
+    # Out of the terminal's process group: Ctrl-C is the suite's to handle. When the
+    # report process got it too, it died and every later report failed (BrokenProcessPool).
+    with contextlib.suppress(OSError):
+        os.setsid()
     with contextlib.suppress(OSError):
         os.nice(10)  # the scenario running meanwhile comes first
 
@@ -183,22 +258,29 @@ def _row(o: ScenarioOutcome) -> str:
     word = {True: "valid", False: "INVALID", None: "unknown"}[o.valid]
     if o.error:
         word = "ERROR"
+    if o.interrupted:
+        word = "interrupted"
     first = f"{o.first_violation_s:.1f}s" if o.first_violation_s is not None else "-"
     viol = ", ".join(f"{k} {v}" for k, v in o.violations.items()) or (o.error or "")
     return f"{o.name:<22} {o.seed:>4} {word:<8} {first:>6}  {viol}"
 
 
 def write_summary(out_dir: Path, valid: bool | None, outcomes: list[ScenarioOutcome],
-                  governor: str) -> None:
+                  governor: str, interrupted: bool = False) -> None:
     data = {"valid": "unknown" if valid is None else valid, "governor": governor,
-            "scenarios": [o.to_dict() for o in outcomes]}
+            "interrupted": interrupted, "scenarios": [o.to_dict() for o in outcomes]}
     _atomic(out_dir / "summary.json", json.dumps(data, indent=2))
     lines = [f"# Chaos suite: {governor}", "",
              f"Verdict: **{ {True: 'valid', False: 'INVALID', None: 'unknown'}[valid] }**", "",
              "| scenario | seed | verdict | time to first violation | violations by invariant |",
              "|---|---|---|---|---|"]
+    if interrupted:
+        lines[3:3] = [f"**Interrupted** (Ctrl-C or SIGTERM) after {len(outcomes)} scenario "
+                      "run(s): only these ran, and the last was cut short.", ""]
     for o in outcomes:
         word = "ERROR" if o.error else {True: "valid", False: "INVALID", None: "unknown"}[o.valid]
+        if o.interrupted:
+            word = "interrupted"
         first = f"{o.first_violation_s:.1f} s" if o.first_violation_s is not None else ""
         viol = ", ".join(f"{k}: {v}" for k, v in o.violations.items()) or (o.error or "")
         lines.append(f"| {o.name} | {o.seed} | {word} | {first} | {viol} |")

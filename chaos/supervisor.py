@@ -55,6 +55,7 @@ from typing import Any, Self
 
 import redis
 
+from chaos import reaper
 from governor_ref.connection import connect
 from governor_ref.keys import GROUP_GOVERNOR, Keys
 
@@ -756,6 +757,7 @@ class Supervisor:
                 raise GovernorStartError(reason, command=self.spec.display(),
                                          consumer=inst.consumer) from exc
         inst.proc = proc
+        reaper.watch(proc.pid, group=True)  # the group dies with the harness, however it dies
         inst.spawn_error = None
         inst.spawn_failures = 0
         self._emit("start", inst, pid=proc.pid, start_no=inst.starts, cause=cause)
@@ -780,6 +782,7 @@ class Supervisor:
             rc = proc.wait(timeout=2.0)
         except subprocess.TimeoutExpired:
             return False
+        reaper.forget(proc.pid)
         inst.proc = None
         inst.paused = False
         inst.last_returncode = rc

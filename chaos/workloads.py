@@ -100,6 +100,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from chaos import reaper
 from chaos.exchange import Exchange, plain_decimal
 from chaos.history import F, HistoryWriter
 from chaos.scenario import WORKLOAD_KINDS, WorkloadSpec
@@ -987,6 +988,8 @@ def _child_main(spec: WorkloadSpec, index: int, ctx: WorkloadContext, stop: Stop
     """Entry point of a spawned worker process."""
     # Ctrl-C reaches the whole process group: let the parent stop us in order instead.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with contextlib.suppress(OSError):
+        os.setsid()  # and leave the terminal's group: only the harness gets its signals
     logging.basicConfig(level=log_level,
                         format="%(asctime)s %(processName)s %(levelname)s %(name)s: %(message)s")
     run_worker(spec, index, ctx, stop, max_plans=max_plans, parent_pid=parent_pid)
@@ -1040,6 +1043,9 @@ class WorkloadGroup:
                 p.kill()
                 p.join(5.0)
         still = self.alive()
+        for p in self.processes:
+            if p.pid is not None and p.exitcode is not None:
+                reaper.forget(p.pid)
         if still:  # pragma: no cover - SIGKILL of our own child does not fail
             log.error("workload processes still alive after SIGKILL: %s", still)
         return self.exitcodes()
@@ -1084,6 +1090,8 @@ def start_workloads(specs: Sequence[WorkloadSpec], ctx: WorkloadContext, *,
                     args=(spec, index, ctx, stop_event, max_plans, os.getpid(), level))
                 p.start()
                 processes.append(p)
+                if p.pid is not None:
+                    reaper.watch(p.pid, group=True)  # dies with the harness, however it dies
                 index += 1
     except BaseException:
         group.stop(timeout=2.0)
