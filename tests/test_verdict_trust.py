@@ -1,0 +1,165 @@
+"""Verdicts that can be trusted (issue 10): no reader stalled by one entry, malformed decisions
+reported as the governor's, runs that did not exercise the governor UNKNOWN, coverage recorded.
+
+Against real Redis servers and real processes; no mocks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from test_apply_layer import FAST, grant, results, running, wait_for, wait_results
+from test_checkers import Story, _open
+
+from chaos.apply_layer import ApplyEvent, ApplyLayer
+from chaos.exchange import Exchange
+from governor_ref.keys import GROUP_APPLY, Keys
+from governor_ref.protocol import ResultStatus
+
+ROOT = Path(__file__).resolve().parents[1]
+BTC, ETH = "BTCUSDT", "ETHUSDT"
+
+
+@pytest.fixture
+def keys(prefix: str) -> Keys:
+    return Keys(prefix)
+
+
+@pytest.fixture
+def r(shared_redis: Any) -> Any:
+    client = shared_redis.client()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def ex(tmp_path: Path) -> Exchange:
+    return Exchange.create(tmp_path / "ledger.db", capital=1000)
+
+
+def _all_acked(r: redis.Redis, keys: Keys) -> bool:
+    g = r.xinfo_groups(keys.events)[0]
+    return g["pending"] == 0 and g["last-delivered-id"] == r.xinfo_stream(keys.events)[
+        "last-generated-id"]
+
+
+# -- the apply layer ------------------------------------------------------------------------
+def test_an_informational_entry_with_a_bad_time_does_not_stop_the_apply_layer(
+        shared_redis: Any, r: redis.Redis, keys: Keys, ex: Exchange) -> None:
+    """The protocol says to ignore decisions that are neither PERMIT nor BLOCK: whatever
+    else they hold (here a ``decided_at_ms`` that is not a number) must not matter."""
+    r.xadd(keys.events, {"decision": "HEARTBEAT", "governor": "g", "decided_at_ms": "n/a"})
+    r.xadd(keys.events, {"plan_id": "i1", "decision": "INFO", "decided_at_ms": "soon"})
+    grant(r, keys, "o1")
+    with running(ApplyLayer(shared_redis.url, keys, ex, FAST)):
+        [(_, res)] = wait_results(r, keys, 1)
+        wait_for(lambda: _all_acked(r, keys), what="every entry acked")
+    assert (res.plan_id, res.status) == ("o1", ResultStatus.EXECUTED)
+    assert [o.plan_id for o in ex.orders()] == ["o1"]
+
+
+def test_a_malformed_permit_is_recorded_and_acked_and_does_not_block_the_next(
+        shared_redis: Any, r: redis.Redis, keys: Keys, ex: Exchange) -> None:
+    """A PERMIT without a plan id is passed over (recorded, acked); one with a bad
+    ``decided_at_ms`` is still executed (the apply layer does not need that field, the
+    checkers report the breach); one with bytes that are not UTF-8 is read all the same."""
+    records: list[dict[str, Any]] = []
+    r.xadd(keys.events, {"symbol": BTC, "action": "OPEN", "decision": "PERMIT",
+                         "decided_at_ms": "1"})  # no plan_id
+    grant(r, keys, "o-bad-time")
+    r.xadd(keys.events, {"plan_id": "o-bad-time", "decision": "PERMIT", "symbol": BTC,
+                         "action": "OPEN", "decided_at_ms": "n/a"})  # a second copy, bad time
+    raw = shared_redis.client(decode_responses=False)
+    try:
+        raw.xadd(keys.events, {b"plan_id": b"x\xff\xfe", b"decision": b"PERMIT",
+                               b"governor": b"\xc3\x28", b"decided_at_ms": b"1"})
+    finally:
+        raw.close()
+    grant(r, keys, "o2", symbol=ETH)
+    layer = ApplyLayer(shared_redis.url, keys, ex, FAST, on_record=records.append)
+    with running(layer):
+        wait_for(lambda: {res.plan_id for _, res in results(r, keys)} >= {"o-bad-time", "o2"},
+                 what="both permits executed")
+        wait_for(lambda: _all_acked(r, keys), what="every entry acked")
+    assert sorted(o.plan_id for o in ex.orders()) == ["o-bad-time", "o2"]
+    passed_over = [x for x in records if x["type"] == ApplyEvent.UNREADABLE_DECISION]
+    assert [x["plan_id"] for x in passed_over] == [None]
+    assert "plan_id" in passed_over[0]["problem"]
+
+
+# -- the checkers ---------------------------------------------------------------------------
+def test_a_decision_action_hold_is_a_protocol_violation_and_the_rest_is_judged(
+        story: Story) -> None:
+    _open(story, 100, "o1", "AAUSDT")
+    _open(story, 200, "o2", "AAUSDT")  # a double open: the rest is still judged
+    story.submit(300, "h1", "BBUSDT")
+    story.decide(305, "h1", "BBUSDT", action="HOLD")
+    story.submit(400, "h2", "CCUSDT")
+    story.decide(405, "h2", "CCUSDT", action="HOLD", decision="BLOCK", reason="whatever")
+    story.probe("pc", "AAUSDT", "close", "PERMIT")
+    res = story.check()
+    v = res["_v"]
+    assert res["protocol"] is False
+    bad = [x for x in v.violations if x.invariant == "protocol"]
+    assert sorted(x.plan_ids for x in bad) == [("h1",), ("h2",)]
+    assert all("HOLD" in x.observed for x in bad)
+    assert res["one_position_per_symbol"] is False  # judged beside it
+    assert res["one_decision"] is True  # a malformed decision is still a decision
+    assert v.exit_code == 1
+    saved = json.loads((story.dir / "results.json").read_text())
+    assert saved["invariants"]["protocol"]["violations"] == 2
+
+
+def test_other_malformed_decision_fields_are_protocol_violations(story: Story) -> None:
+    """No plan_id, a decided_at_ms that is not a number, a PERMIT without a symbol."""
+    _open(story, 100, "o1", "AAUSDT")
+    story.op(150, "ok", "decision", None, "BBUSDT", process="recorder", fields={
+        "symbol": "BBUSDT", "action": "OPEN", "decision": "PERMIT", "reason": "",
+        "governor": "g1", "entry_ms": 1_800_000_000_150, "entry_id": "1800000000150-0"})
+    story.submit(200, "t1", "CCUSDT")
+    story.op(205, "ok", "decision", "t1", "CCUSDT", process="recorder", fields={
+        "plan_id": "t1", "symbol": "CCUSDT", "action": "OPEN", "decision": "BLOCK",
+        "reason": "intent_stale", "governor": "g1", "decided_at_ms": "n/a",
+        "entry_ms": 1_800_000_000_205, "entry_id": "1800000000205-0"})
+    story.submit(300, "s1", "DDUSDT")
+    story.decide(305, "s1", "")
+    # Informational entries are skipped whatever they hold.
+    story.op(310, "ok", "decision", None, None, process="recorder", fields={
+        "decision": "HEARTBEAT", "decided_at_ms": "n/a", "entry_ms": 1_800_000_000_310,
+        "entry_id": "1800000000310-0"})
+    story.probe("pc", "AAUSDT", "close", "PERMIT")
+    res = story.check()
+    bad = {x.plan_ids: x.observed for x in res["_v"].violations if x.invariant == "protocol"}
+    assert set(bad) == {(), ("t1",), ("s1",)}, bad
+    assert "plan_id" in bad[()] and "decided_at_ms" in bad[("t1",)] and "symbol" in bad[("s1",)]
+    assert res["one_decision"] is True and res["_v"].exit_code == 1
+
+
+def test_a_hold_decision_in_a_history_scanned_in_parallel_is_judged(story: Story) -> None:
+    """Long histories are scanned by workers whose facts travel as msgpack: a decision
+    with an action outside the protocol must survive that trip too."""
+    from chaos.checkers import gather, run_checkers
+
+    _open(story, 100, "o1", "AAUSDT")
+    story.submit(300, "h1", "BBUSDT")
+    story.decide(305, "h1", "BBUSDT", action="HOLD")
+    for i in range(40):
+        _open(story, 1000 + i * 100, f"x{i}", f"X{i:02d}USDT")
+    story.check()
+    facts = gather(story.dir, workers=2)
+    res = run_checkers(facts)
+    assert res["protocol"].valid is False
+    assert [v.plan_ids for v in res["protocol"].violations] == [("h1",)]
+
+
+@pytest.fixture
+def story(tmp_path: Path) -> Story:
+    return Story(tmp_path, slots_BASE=2, slots_CHOP=1)
