@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from test_checkers import Story, _open
 
 from chaos.apply_layer import ApplyEvent, ApplyLayer
 from chaos.exchange import Exchange
-from governor_ref.keys import GROUP_APPLY, Keys
+from governor_ref.keys import Keys
 from governor_ref.protocol import ResultStatus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,3 +163,125 @@ def test_a_hold_decision_in_a_history_scanned_in_parallel_is_judged(story: Story
 @pytest.fixture
 def story(tmp_path: Path) -> Story:
     return Story(tmp_path, slots_BASE=2, slots_CHOP=1)
+
+
+# -- coverage: a run that did not exercise the governor is not VALID -------------------------
+def _as_run(story: Story, spec: dict[str, Any], producers: dict[str, int]) -> None:
+    """Make the story a ``chaos run`` directory: its scenario and producers' summaries."""
+    meta = json.loads((story.dir / "run.json").read_text())
+    (story.dir / "run.json").write_text(json.dumps(meta | {"scenario_spec": spec}))
+    (story.dir / "workloads").mkdir()
+    for name, plans in producers.items():
+        (story.dir / "workloads" / f"{name}.json").write_text(json.dumps(
+            {"name": name, "kind": name.rsplit("-", 1)[0], "plans": plans,
+             "stopped_by": "duration"}))
+
+
+SPEC = {"name": "t", "duration_s": 2.0, "workloads": [
+    {"kind": "open_storm", "processes": 1, "rate": 2.0, "params": {}}], "faults": []}
+
+
+def _calm(story: Story) -> None:
+    _open(story, 100, "o1", "AAUSDT")
+    story.submit(200, "o2", "BBUSDT")
+    story.decide(205, "o2", "BBUSDT", decision="BLOCK", reason="intent_stale")
+    story.submit(300, "o3", "CCUSDT")
+    story.decide(305, "o3", "CCUSDT", decision="BLOCK", reason="intent_stale")
+    story.probe("pc", "AAUSDT", "close", "PERMIT")
+
+
+def test_a_calm_run_that_did_what_its_scenario_asks_is_valid_with_its_coverage(
+        story: Story) -> None:
+    _calm(story)
+    _as_run(story, SPEC, {"open_storm-0": 4})
+    v = story.check()["_v"]
+    assert v.exit_code == 0, v.summary()
+    cov = json.loads((story.dir / "results.json").read_text())["coverage"]
+    assert cov["exercised"] is True and cov["not_exercised"] == []
+    assert (cov["plans_expected"], cov["plans_sent"], cov["plans_decided"], cov["permits"],
+            cov["permits_executed"], cov["faults_scheduled"], cov["faults_applied"]) == (
+        4, 3, 3, 1, 1, 0, 0)
+
+
+def test_permits_that_never_reached_the_exchange_make_the_run_unknown(story: Story) -> None:
+    story.submit(100, "o1", "AAUSDT")
+    story.decide(105, "o1", "AAUSDT")  # permitted, never executed: the apply layer stalled
+    story.submit(200, "o2", "BBUSDT")
+    story.decide(205, "o2", "BBUSDT")
+    story.probe("po", "PRB00USDT", "open", "PERMIT")
+    _as_run(story, SPEC, {"open_storm-0": 4})
+    v = story.check()["_v"]
+    assert v.exit_code == 2
+    assert any("reached the exchange" in w for w in v.coverage["not_exercised"]), v.coverage
+    assert "not exercised: none of the 2 permits reached the exchange" in v.summary()
+
+
+def test_a_stuck_producer_and_faults_never_applied_make_the_run_unknown(story: Story) -> None:
+    _calm(story)
+    spec = SPEC | {"workloads": [{"kind": "open_storm", "processes": 2, "rate": 100.0}],
+                   "faults": [{"kind": "pause_governor", "at": 0.5, "duration": 0.2,
+                               "every": 1.0}]}
+    _as_run(story, spec, {"open_storm-0": 3})  # the second producer never finished
+    v = story.check()["_v"]
+    why = v.coverage["not_exercised"]
+    assert v.exit_code == 2
+    assert v.coverage["faults_scheduled"] == 2 and v.coverage["faults_applied"] == 0
+    assert any("2 faults scheduled, none applied" in w for w in why), why
+    assert any("open_storm-0 sent 3 plans of the ~200" in w for w in why), why
+    assert any("1 of 2 workload processes wrote no summary" in w for w in why), why
+
+
+def test_an_import_has_coverage_and_no_exercised_rule(story: Story) -> None:
+    story.submit(100, "o1", "AAUSDT")
+    story.decide(105, "o1", "AAUSDT", decision="BLOCK", reason="intent_stale")
+    story.probe("pc", "AAUSDT", "close", "PERMIT")
+    meta = json.loads((story.dir / "run.json").read_text())
+    (story.dir / "run.json").write_text(json.dumps(meta | {"kind": "import"}))
+    v = story.check()["_v"]
+    assert v.exit_code == 0
+    assert v.coverage["exercised"] is None and v.coverage["permits"] == 0
+
+
+# -- whole runs, real processes ---------------------------------------------------------------
+def _chaos_run(tmp_path: Path, governor: str, duration: float = 3) -> tuple[int, str, dict]:
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "chaos", "run", "--scenario", "open-storm", "--duration",
+           str(duration), "--no-report", "--out", str(out), "--probe-max-wait", "5",
+           "--governor-cmd", f"{sys.executable} {ROOT / 'tests' / 'governors' / governor}"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        text, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:  # every process of the run is in its session
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, text, json.loads((out / "results.json").read_text())
+
+
+def test_a_governor_that_permits_nothing_of_the_workload_is_unknown_with_the_reason(
+        tmp_path: Path) -> None:
+    """Every invariant holds against a governor that BLOCKs every workload plan (it lets
+    the liveness probe through): nothing was exercised, so the run is UNKNOWN, exit 2."""
+    rc, text, res = _chaos_run(tmp_path, "block_all_governor.py")
+    cov = res["coverage"]
+    assert rc == 2, text
+    assert "not exercised: no plan was permitted" in text
+    assert cov["exercised"] is False and cov["permits"] == 0 and cov["plans_decided"] > 100
+    assert cov["probe_permits_executed"] > 0
+    assert all(r["valid"] is True for r in res["invariants"].values())
+
+
+def test_a_governor_that_writes_informational_entries_is_valid_with_its_coverage(
+        tmp_path: Path) -> None:
+    """The reference plus HEARTBEAT / INFO entries with ``decided_at_ms`` = "n/a"."""
+    rc, text, res = _chaos_run(tmp_path, "chatty_governor.py")
+    cov = res["coverage"]
+    assert rc == 0, text
+    assert cov["exercised"] is True and cov["permits_executed"] > 10, cov
+    assert cov["plans_decided"] == cov["plans_added"] > 100
+    infos = 0
+    for f in (tmp_path / "run" / "history").glob("recorder-*.jsonl"):
+        infos += sum(1 for line in f.read_text().splitlines()
+                     if '"decision":"INFO"' in line.replace(" ", ""))
+    assert infos > 10
