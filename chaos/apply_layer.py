@@ -69,6 +69,11 @@ OnRecord = Callable[[dict[str, Any]], None]
 # from a restart; older ones fall back on the ledger, which gives the same answer.
 _HANDLED_MEMORY = 100_000
 
+# A decision entry whose handling fails this many times with an error that is not Redis
+# being unavailable is recorded, acknowledged and passed over: one entry must never stall
+# the layer (it would execute nothing more and the run would look calm).
+_POISON_ATTEMPTS = 3
+
 
 class StopFlag(Protocol):
     """``threading.Event`` or ``multiprocessing.Event``."""
@@ -84,6 +89,7 @@ class ApplyEvent(StrEnum):
     PERMIT_TAKEN = "permit_taken"
     PERMIT_MISSING = "permit_missing"
     DUPLICATE_DECISION = "duplicate_decision"
+    UNREADABLE_DECISION = "unreadable_decision"
     ORDER_EXECUTED = "order_executed"
     RESULT_WRITTEN = "result_written"
 
@@ -221,7 +227,10 @@ class ApplyLayer:
     ) -> None:
         if isinstance(redis_url_or_client_factory, str):
             url = redis_url_or_client_factory
-            self._factory: ClientFactory = lambda: connect(url, decode_responses=True)
+            # "replace": a decision entry that is not UTF-8 (the governor under test wrote
+            # it) must not make every read of the stream fail.
+            self._factory: ClientFactory = lambda: connect(url, decode_responses=True,
+                                                           encoding_errors="replace")
         else:
             self._factory = redis_url_or_client_factory
         self.keys = keys
@@ -233,6 +242,7 @@ class ApplyLayer:
         self._knobs_lock = threading.Lock()
         self._inflight: dict[str, str] = {}  # plan_id -> decision entry id
         self._handled: OrderedDict[str, None] = OrderedDict()
+        self._attempts: dict[str, int] = {}  # decision entry id -> failed handlings
         self._abandon = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -367,18 +377,58 @@ class ApplyLayer:
     # -- decisions --------------------------------------------------------------------------
     def _dispatch(self, raw: list[tuple[str, dict[Any, Any] | None]]) -> None:
         to_ack: list[str] = []
-        for entry_id, fields in raw:
-            if fields is None:  # trimmed away while pending
-                to_ack.append(entry_id)
-                continue
-            event = DecisionEvent.from_fields(decode_fields(fields), entry_id)
-            if event.decision != Decision.PERMIT or not event.plan_id:
-                to_ack.append(entry_id)  # BLOCK or informational: nothing to execute
-                continue
-            if self._on_permit(event):
-                to_ack.append(entry_id)
-        if to_ack:
-            self._require_r().xack(self.keys.events, GROUP_APPLY, *to_ack)
+        try:
+            for entry_id, fields in raw:
+                if fields is None:  # trimmed away while pending
+                    to_ack.append(entry_id)
+                    continue
+                if self._handle(entry_id, fields):
+                    to_ack.append(entry_id)
+        finally:
+            # What was handled is acked even when a later entry of the batch failed: the
+            # failed one is read again (pending), the others are not.
+            if to_ack:
+                self._require_r().xack(self.keys.events, GROUP_APPLY, *to_ack)
+
+    def _handle(self, entry_id: str, fields: dict[Any, Any]) -> bool:
+        """One decision entry; True when it is to be acked at once.
+
+        Only a PERMIT is read beyond its ``decision`` field: BLOCKs and informational
+        entries (any other decision, which the protocol says to ignore) are acked whatever
+        else they hold. A PERMIT without a plan id cannot be executed: it is recorded and
+        acked. An entry whose handling keeps failing (not because Redis is unavailable:
+        that is retried as long as it lasts) is recorded and acked after
+        ``_POISON_ATTEMPTS`` tries.
+        """
+        f = decode_fields(fields)
+        if f.get("decision") != Decision.PERMIT:
+            return True  # BLOCK or informational: nothing to execute
+        event = permit_event(f, entry_id)
+        if event is None:
+            self._unreadable(entry_id, f, "PERMIT without a plan_id")
+            return True
+        try:
+            done = self._on_permit(event)
+        except Exception as exc:
+            if is_transient(exc):
+                raise  # Redis is down: the whole batch is read again once it is back
+            n = self._attempts.get(entry_id, 0) + 1
+            if n < _POISON_ATTEMPTS:
+                self._attempts[entry_id] = n
+                raise
+            self._attempts.pop(entry_id, None)
+            self._unreadable(entry_id, f, f"handling failed {n} times: "
+                                          f"{type(exc).__name__}: {exc}")
+            return True
+        self._attempts.pop(entry_id, None)
+        return done
+
+    def _unreadable(self, entry_id: str, fields: dict[str, str], problem: str) -> None:
+        """A PERMIT entry passed over: in the history (the checkers judge the entry itself
+        from the recorder's copy) and in the log, then acked by the caller."""
+        log.warning("apply: decision entry %s passed over (%s): %s", entry_id, problem, fields)
+        self._record(ApplyEvent.UNREADABLE_DECISION, plan_id=fields.get("plan_id") or None,
+                     entry_id=entry_id, problem=problem, fields=fields)
 
     def _on_permit(self, event: DecisionEvent) -> bool:
         """Handle one PERMIT entry; True when the entry is to be acked at once."""
@@ -592,6 +642,28 @@ class ApplyLayer:
             )
         else:
             log.exception("apply %s: unexpected error; retrying", where)
+
+
+def permit_event(fields: dict[str, str], entry_id: str) -> DecisionEvent | None:
+    """A PERMIT entry as the apply layer needs it, or None without a plan id.
+
+    Lenient on purpose: the apply layer needs the plan id (for the permit key) and passes
+    on symbol, action and fence to an ``expired`` result; the order itself is built from
+    the permit. ``decided_at_ms`` is not needed here, so one that is not a number (a
+    protocol breach the ``protocol`` checker reports) does not stop the execution.
+    """
+    plan_id = fields.get("plan_id", "")
+    if not plan_id:
+        return None
+    try:
+        decided = int(fields.get("decided_at_ms") or 0)
+    except ValueError:
+        decided = 0
+    return DecisionEvent(plan_id=plan_id, symbol=fields.get("symbol", ""),
+                         action=fields.get("action", ""), decision=str(Decision.PERMIT),
+                         reason=fields.get("reason", ""), governor=fields.get("governor", ""),
+                         decided_at_ms=decided, fence=fields.get("fence") or None,
+                         entry_id=entry_id)
 
 
 def run_apply_process(

@@ -132,7 +132,8 @@ def _decode(fields: dict[Any, Any]) -> dict[str, str]:
 
 
 def apply_hook(history: HistoryWriter) -> Callable[[dict[str, Any]], None]:
-    """The apply layer's ``on_record``: permits taken or missing, orders executed."""
+    """The apply layer's ``on_record``: permits taken or missing, orders executed, PERMIT
+    entries passed over."""
 
     def hook(rec: dict[str, Any]) -> None:
         kind = rec.get("type")
@@ -147,6 +148,11 @@ def apply_hook(history: HistoryWriter) -> Callable[[dict[str, Any]], None]:
         elif kind == "duplicate_decision":
             history.info(F.TAKE, key=pid, duplicate=True, owner=rec.get("owner"),
                          entry_id=rec.get("entry_id"))
+        elif kind == "unreadable_decision":
+            # A PERMIT entry the apply layer could not execute and passed over (acked).
+            history.info(F.TAKE, key=pid, unreadable=rec.get("problem"),
+                         entry_id=rec.get("entry_id"), fields=rec.get("fields"),
+                         consumer=rec.get("consumer"))
         elif kind == "order_executed":
             fill = rec.get("fill") or {}
             history.ok(F.ORDER, key=pid, symbol=fill.get("symbol"), fill=fill,

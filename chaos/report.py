@@ -1067,6 +1067,24 @@ def _model_rows(ctx: _Ctx) -> list[tuple[str, str, int, str]]:
     return rows
 
 
+def _coverage_rows(ctx: _Ctx) -> list[tuple[str, str]]:
+    """What the run exercised (results.json ``coverage``), and why it is not enough when
+    it is not: a VALID verdict needs both the invariants and this."""
+    c = getattr(ctx.verdict, "coverage", None) or {}
+    if not c:
+        return []
+    def of(x: Any, y: Any) -> str:
+        return f"{x} of {y}" if y is not None else str(x)
+    rows = [("plans sent", of(c.get("plans_sent"), c.get("plans_expected") and
+                              f"~{c['plans_expected']} asked")),
+            ("plans decided", str(c.get("plans_decided"))),
+            ("permits executed", of(c.get("permits_executed"), c.get("permits"))),
+            ("faults applied", of(c.get("faults_applied"), c.get("faults_scheduled")
+                                  and f"{c['faults_scheduled']} scheduled"))]
+    rows += [("NOT EXERCISED", why) for why in c.get("not_exercised") or ()]
+    return rows
+
+
 def _faults_breakdown(vs: Sequence[Violation]) -> str:
     c = Counter(", ".join(v.faults) if v.faults else "none" for v in vs)
     return "faults active: " + "; ".join(f"{k} ({n})" for k, n in c.most_common(4)) + (
@@ -1163,6 +1181,8 @@ def _render_markdown(ctx: _Ctx, plots: list[_Plot]) -> str:
         L += [f"Model checks (second opinion; agree with the invariant checkers: "
               f"{'unknown' if agree is None else 'yes' if agree else 'NO'}):", ""]
         L += _md_table(("model", "result", "violations", "note"), _model_rows(ctx)) + [""]
+    if _coverage_rows(ctx):
+        L += ["## Coverage", ""] + _md_table(("", ""), _coverage_rows(ctx)) + [""]
     if ctx.facts.faults:
         L += ["## Faults", ""]
         L += _md_table(("kind", "target", "start (s)", "stop (s)", "length (s)", "started"),
@@ -1269,6 +1289,8 @@ def _render_html(ctx: _Ctx, plots: list[_Plot]) -> str:
                  f"{'unknown' if agree is None else 'yes' if agree else 'NO'}):</p>")
         B.append(_html_table(("model", "result", "violations", "note"), _model_rows(ctx),
                              cell_class=lambda i, c: str(c) if i == 1 else ""))
+    if _coverage_rows(ctx):
+        B += ["<h2>Coverage</h2>", _html_table(None, _coverage_rows(ctx))]
     if ctx.facts.faults:
         B.append("<h2>Faults</h2>")
         B.append(_html_table(("kind", "target", "start (s)", "stop (s)", "length (s)",

@@ -253,8 +253,9 @@ class Run:
                 self.exchange.execute(Order(f"initial-{i}", sym, "OPEN", "LONG", "50"))
         self.exchange.mirror(self.admin(), self.keys, self.sc.market.capital)
         url = self.provider.url if self.provider is not None else ""
-        factory: Any = self.admin if self.provider is not None and \
-            self.provider.kind == "sentinel" else url
+        # A decision entry that is not UTF-8 must not make every read of the stream fail.
+        factory: Any = (lambda: self.provider.client(encoding_errors="replace")) \
+            if self.provider is not None and self.provider.kind == "sentinel" else url
         self.apply = ApplyLayer(factory, self.keys, self.exchange, ApplyConfig(
             open_latency_ms=a.open_latency_ms, open_jitter_ms=a.open_jitter_ms,
             close_latency_ms=a.close_latency_ms, close_jitter_ms=a.close_jitter_ms,
@@ -329,7 +330,9 @@ class Run:
                 if self.supervisor is not None:
                     self.supervisor.wait_ready(timeout=30)
                 assert self.keys is not None and self.exchange is not None
-                result.probe = run_probe(self.admin(), self.keys, self.exchange,
+                assert self.provider is not None
+                result.probe = run_probe(self.provider.client(encoding_errors="replace"),
+                                         self.keys, self.exchange,
                                          self.sc.governor_config(), self.writer("probe"),
                                          max_wait_s=self.opts.probe_max_wait_s)
                 phases.ok(F.PHASE, key="probe", ok=result.probe.ok)
@@ -487,6 +490,9 @@ class Run:
         if self.recorder is not None:
             s["decisions_recorded"] = self.recorder.counts.get(self.keys.events if self.keys
                                                                else "", 0)
+            if self.keys is not None:  # coverage, as the streams showed it (entries read)
+                s["plans_recorded"] = self.recorder.counts.get(self.keys.plans, 0)
+                s["results_recorded"] = self.recorder.counts.get(self.keys.results, 0)
         if self.supervisor is not None:
             s["governor_status"] = {c: asdict(st) if hasattr(st, "__dataclass_fields__")
                                     else str(st) for c, st in self.supervisor.status().items()}
@@ -494,6 +500,7 @@ class Run:
             s["workload_exitcodes"] = self.workloads.exitcodes()
         if self.nemesis is not None:
             s["fault_windows"] = self.nemesis.windows()
+            s["faults_launched"] = len(self.nemesis.fault_ids())
         return s
 
     def _copy_redis_log(self) -> None:

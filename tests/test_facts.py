@@ -169,7 +169,8 @@ def test_lines_with_unexpected_types_are_read_field_by_field(tmp_path: Path) -> 
 
 def test_values_outside_the_known_ones_are_kept_as_they_are(tmp_path: Path) -> None:
     # action, decision, status and type are read as Literals (shared strings) in the fast
-    # path; a value outside them sends its block down the lenient path, which keeps it.
+    # path; a value outside them sends its block down the lenient path, which keeps it
+    # (an action outside OPEN/CLOSE: in ``bad_decisions``).
     run = tmp_path / "run"
     (run / "history").mkdir(parents=True)
     (run / "run.json").write_text(json.dumps({"status": "complete"}))
@@ -192,7 +193,10 @@ def test_values_outside_the_known_ones_are_kept_as_they_are(tmp_path: Path) -> N
     (run / "history" / "h.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     f = gather(run)
     assert f.ops == 6
-    assert [(d.action, d.decision) for d in f.decisions["a"]] == [("BUY", "PERMIT")]
+    # An action outside the protocol still answers its plan; the checkers see it as ""
+    # and the entry as written is kept for the protocol checker.
+    assert [(d.action, d.decision) for d in f.decisions["a"]] == [("", "PERMIT")]
+    assert [(b.plan_id, b.action) for b in f.bad_decisions] == [("a", "BUY")]
     assert "b" not in f.decisions  # neither PERMIT nor BLOCK: not a decision
     assert f.aborts == {"a": [(T0 + 3, "lost")]}  # executed results are not kept
     assert f.take_fails == {"b": [T0 + 6]}

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from chaos.checkers.coverage import coverage
 from chaos.checkers.facts import Facts, Forked, ForkError, _can_fork, gather, gc_paused
 from chaos.checkers.invariants import CHECKERS, INVARIANTS, CheckResult, Violation
 
@@ -35,6 +36,9 @@ class Verdict:
     # them again). Not serialised, not pickled: a verdict sent to another process leaves
     # them behind.
     facts: Facts | None = field(default=None, repr=False, compare=False)
+    # What the run exercised (chaos.checkers.coverage): plans, permits, faults, and the
+    # reasons a run that passed every checker is still not VALID.
+    coverage: dict[str, Any] = field(default_factory=dict)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -70,6 +74,7 @@ class Verdict:
             "time_to_first_violation_s": (first - start) / 1000 if first and start else None,
             "models": {n: r.to_dict() for n, r in self.models.items()},
             "models_agree": self.agreement,
+            "coverage": self.coverage,
             "stats": self.stats,
         }
 
@@ -81,6 +86,8 @@ class Verdict:
             extra = f" ({len(r.violations)} violations)" if r.violations else (
                 f" ({r.note})" if r.note else "")
             lines.append(f"  {n:<24} {v}{extra}")
+        for why in self.coverage.get("not_exercised") or ():
+            lines.append(f"  not exercised: {why}")
         for v in self.violations[:5]:
             lines.append(f"  - [{v.invariant}] {v.message}")
         if len(self.violations) > 5:
@@ -141,7 +148,10 @@ def check_run(run_dir: str | Path, write: bool = True, models: bool = True,
     status = facts.meta.get("status")
     if status not in (None, "complete") and valid is True:
         valid = None  # an interrupted run cannot be declared valid
-    verdict = Verdict(run_dir, valid, results, facts=facts, stats={
+    cov = coverage(facts)
+    if valid is True and cov["not_exercised"]:
+        valid = None  # every checker held, but on too little: not evidence of anything
+    verdict = Verdict(run_dir, valid, results, facts=facts, coverage=cov, stats={
         "ops": facts.ops, "orders": len(facts.orders), "first_ms": facts.first_ms,
         "workload_start_ms": facts.phases.get("workload", {}).get("invoke"),
         "last_ms": facts.last_ms, "check_seconds": round(time.perf_counter() - t0, 3),

@@ -56,13 +56,37 @@ class Decision(msgspec.Struct, gc=False):
 
     plan_id: str = ""
     symbol: str = ""
-    action: Literal["OPEN", "CLOSE"] = ""  # type: ignore[assignment]
+    # "" also stands for an action outside the protocol (the entry is then in
+    # ``Facts.bad_decisions`` as written): the checkers judge OPEN and CLOSE only.
+    action: Literal["OPEN", "CLOSE", ""] = ""
     decision: Literal["PERMIT", "BLOCK"] = ""  # type: ignore[assignment]
     reason: str = ""
     governor: str = ""
     entry_ms: int = 0  # the event's stream id time (Redis's clock)
     entry_id: str = ""
     fence: str = ""
+    decided_at_ms: Any = None  # the governor's clock; checked for form only
+
+
+class BadDecision(msgspec.Struct, gc=False):
+    """A PERMIT or BLOCK entry that breaks the protocol, as written, with what is wrong.
+
+    ``problems`` are "; "-joined. An entry with a plan id is in ``Facts.decisions`` too
+    (it still answers its plan), with ``action`` "" when its action was not OPEN/CLOSE.
+    ``odd_action`` tells the checker that the action is the problem: for a BLOCK it is
+    one only when the plan it answers was a well-formed plan the harness sent."""
+
+    plan_id: Any = None
+    symbol: Any = None
+    action: Any = None
+    decision: str = ""
+    reason: Any = None
+    governor: Any = None
+    decided_at_ms: Any = None
+    entry_ms: int = 0
+    entry_id: str = ""
+    problems: str = ""
+    odd_action: bool = False
 
 
 class LedgerOrder(msgspec.Struct, frozen=True, gc=False):
@@ -141,6 +165,8 @@ class Facts:
     take_fails: dict[str, list[int]] = field(default_factory=dict)
     # (entry_ms, status) of each apply.result entry of a plan other than ``executed``
     aborts: dict[str, list[tuple[int, Any]]] = field(default_factory=dict)
+    # PERMIT / BLOCK entries that break the protocol (the ``protocol`` checker's), by time
+    bad_decisions: list[BadDecision] = field(default_factory=list)
     faults: list[FaultWindow] = field(default_factory=list)
     probes: dict[str, dict[str, Any]] = field(default_factory=dict)
     phases: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -384,6 +410,7 @@ class _Scan:
     decisions: dict[Any, list[Decision]] = field(default_factory=dict)
     take_fails: dict[Any, list[int]] = field(default_factory=dict)
     aborts: dict[Any, list[tuple[int, Any]]] = field(default_factory=dict)
+    bad_decisions: list[BadDecision] = field(default_factory=list)
     ordered: list[tuple[int, str, _AnyOrdered]] = field(default_factory=list)
 
 
@@ -511,6 +538,10 @@ def _lenient(x: Any, typ: Any) -> Any:
 
 
 _PB = frozenset(("PERMIT", "BLOCK"))
+_OC = frozenset(("OPEN", "CLOSE"))
+_ACTION = attrgetter("action")
+_SYMBOL = attrgetter("symbol")
+_DECIDED_AT = attrgetter("decided_at_ms")
 _WALL_MS = attrgetter("wall_ms")
 _PLAN_ID = attrgetter("plan_id")
 
@@ -646,21 +677,64 @@ def _decisions(sc: _Scan, ops: list[_DecisionOp]) -> None:
     keys = list(map(_KEY, ops))
     vals = list(map(_VALUE, ops))
     if (not _some_none(vals) and _PB.issuperset(map(_DECISION, vals))
+            and _OC.issuperset(map(_ACTION, vals)) and all(map(_SYMBOL, vals))
+            and _all_ms(list(filter(None, map(_DECIDED_AT, vals))))
             and all(map(_ENTRY_MS, vals)) and keys == list(map(_PLAN_ID, vals))
             and _fresh(keys, sc.decisions)):
         sc.decisions.update(zip(keys, map(list, zip(vals, strict=True)), strict=True))
         return
     for key, d, o in zip(keys, vals, ops, strict=True):
-        if key and d is not None and d.decision in _PB:
-            if not d.entry_ms:
-                d.entry_ms = o.wall_ms
-            if d.plan_id != key:
-                d.plan_id = key
-            ds = sc.decisions.get(key)
-            if ds is None:
-                sc.decisions[key] = [d]
-            else:
-                ds.append(d)
+        if d is None or d.decision not in _PB:
+            continue  # informational: the protocol says to skip it, whatever it holds
+        if not d.entry_ms:
+            d.entry_ms = o.wall_ms
+        bad = _breaches(key, d)
+        if bad is not None:
+            sc.bad_decisions.append(bad)
+        if not key:
+            continue  # answers no plan
+        if d.plan_id != key:
+            d.plan_id = key
+        ds = sc.decisions.get(key)
+        if ds is None:
+            sc.decisions[key] = [d]
+        else:
+            ds.append(d)
+
+
+def _all_ms(xs: list[Any]) -> bool:
+    """Whether every one of ``xs`` (none empty) is written as epoch ms: ASCII digits."""
+    try:
+        joined = "".join(xs)
+    except TypeError:  # not all strings (a hand-written history): the op-by-op path
+        return False
+    return joined.isascii() and joined.isdigit()
+
+
+def _breaches(key: Any, d: Decision) -> BadDecision | None:
+    """What a PERMIT or BLOCK entry gets wrong against the protocol's decision fields
+    (docs/protocol.md, "Decisions"), or None. An action outside OPEN/CLOSE is set to ""
+    on ``d``, so that every later reader sees only the protocol's values."""
+    problems = []
+    if not key:
+        problems.append("no plan_id")
+    odd = d.action not in _OC
+    if odd:
+        problems.append(f"action {d.action!r} (OPEN or CLOSE)")
+    if d.decision == "PERMIT" and not d.symbol:
+        problems.append("PERMIT without a symbol")
+    t = d.decided_at_ms
+    if t is not None and t != "" and not (
+            (isinstance(t, str) and t.isascii() and t.isdigit())
+            or (isinstance(t, int) and not isinstance(t, bool) and t >= 0)):
+        problems.append(f"decided_at_ms {t!r} (epoch milliseconds)")
+    if not problems:
+        return None
+    bad = BadDecision(key or None, d.symbol, d.action, d.decision, d.reason, d.governor, t,
+                      d.entry_ms, d.entry_id, "; ".join(problems), odd)
+    if odd:
+        d.action = ""
+    return bad
 
 
 def _takes(sc: _Scan, ops: list[_TakeOp]) -> None:
@@ -731,6 +805,8 @@ def _merge(facts: Facts, scans: list[_Scan]) -> list[tuple[int, str, _OrderedOp]
                 cross |= d.keys() & seen.invokes.keys()
                 cross |= d.keys() & seen.completions.keys()
     facts.plans, facts.take_fails, facts.aborts = base.plans, base.take_fails, base.aborts
+    facts.bad_decisions = [b for sc in scans for b in sc.bad_decisions]
+    facts.bad_decisions.sort(key=lambda b: (b.entry_ms, b.entry_id))
     facts.decisions.update(base.decisions)
     ordered = list(base.ordered)
     for sc in others:

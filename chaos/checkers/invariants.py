@@ -17,14 +17,14 @@ from itertools import count, repeat
 from operator import attrgetter, itemgetter
 from typing import Any
 
-from chaos.checkers.facts import Decision, Facts, LedgerOrder, Submit
+from chaos.checkers.facts import BadDecision, Decision, Facts, LedgerOrder, Submit
 
 _WALL_MS = attrgetter("wall_ms")
 _START = itemgetter(0)
 _OPEN_AFTER = attrgetter("open_count_after")
 
 INVARIANTS = ("slots", "one_position_per_symbol", "single_close", "capital", "fresh_intent",
-              "one_decision", "liveness")
+              "one_decision", "liveness", "protocol")
 
 
 @dataclass(frozen=True)
@@ -401,6 +401,51 @@ def check_liveness(facts: Facts) -> CheckResult:
     return _finish("liveness", vs, {"probes": len(facts.probes)})
 
 
+# -- protocol ---------------------------------------------------------------------------------
+def check_protocol(facts: Facts) -> CheckResult:
+    """Every PERMIT and BLOCK entry is one the protocol defines (docs/protocol.md,
+    "Decisions"): a plan id, an action OPEN or CLOSE, a symbol on a PERMIT, and a
+    ``decided_at_ms`` in epoch milliseconds. Malformed output of the governor under test
+    is the governor's fault, so it is a violation here rather than a crash of the harness;
+    the other checkers judge the rest (such an entry still answers its plan for
+    ``one_decision``; with its action unknown it counts for no OPEN or CLOSE rule).
+
+    A BLOCK may carry an action outside OPEN/CLOSE when the plan it answers had none
+    valid (the protocol BLOCKs such plans ``invalid_plan``, symbol and action as given):
+    it is a violation only when it answers a well-formed plan that a producer sent.
+    Informational entries (neither PERMIT nor BLOCK) are skipped, as the protocol says.
+    A CLOSE PERMIT without ``fence`` is counted, not judged: no invariant depends on it,
+    and the audited designs predate fencing (a fenced venue rejects such closes)."""
+    vs: list[Violation] = []
+    submits = facts.submits
+    for b in facts.bad_decisions:
+        problems = b.problems
+        if b.odd_action and b.decision == "BLOCK":
+            s = submits.get(b.plan_id) if b.plan_id is not None else None
+            if s is None or s.malformed:
+                # The plan had no protocol action to echo (or is not one we sent).
+                problems = "; ".join(p for p in problems.split("; ") if not p.startswith(
+                    "action "))
+                if not problems:
+                    continue
+        vs.append(_protocol_violation(facts, b, problems))
+    unfenced = sum(1 for d in facts.permits().values() if d.action == "CLOSE" and not d.fence)
+    return _finish("protocol", vs, {"malformed_decisions": len(vs),
+                                    "close_permits_without_fence": unfenced})
+
+
+def _protocol_violation(facts: Facts, b: BadDecision, problems: str) -> Violation:
+    pid = b.plan_id if isinstance(b.plan_id, str) else None
+    event = {"what": "decision", "plan_id": b.plan_id, "symbol": b.symbol, "action": b.action,
+             "decision": b.decision, "reason": b.reason, "governor": b.governor,
+             "decided_at_ms": b.decided_at_ms, "entry_ms": b.entry_ms, "entry_id": b.entry_id}
+    return Violation("protocol", b.entry_ms, b.symbol if isinstance(b.symbol, str) else None,
+                     (pid,) if pid else (), "a decision entry as docs/protocol.md defines it",
+                     problems, f"{b.decision} entry {b.entry_id or '?'}"
+                     f"{' for ' + pid if pid else ''} from {b.governor or '?'} breaks the "
+                     f"protocol: {problems}", (event,), tuple(facts.fault_at(b.entry_ms)))
+
+
 CHECKERS: dict[str, Callable[[Facts], CheckResult]] = {
     "slots": check_slots,
     "one_position_per_symbol": check_one_position_per_symbol,
@@ -409,4 +454,5 @@ CHECKERS: dict[str, Callable[[Facts], CheckResult]] = {
     "fresh_intent": check_fresh_intent,
     "one_decision": check_one_decision,
     "liveness": check_liveness,
+    "protocol": check_protocol,
 }
