@@ -83,7 +83,7 @@ def test_minimal_governor_is_ready_without_being_listed(redis_server: EmbeddedRe
     """Ready by staying up the grace period; ready again the same way after a kill."""
     r = redis_server.client()
     version = r.info("server")["redis_version"]
-    with _supervisor(redis_server, prefix, tmp_path, MINIMAL, 1, ready_grace_s=1.5) as sup:
+    with _supervisor(redis_server, prefix, tmp_path, MINIMAL, 1) as sup:  # 3 s grace
         t0 = time.monotonic()
         pid = sup.wait_ready(timeout=20)["gov-1"]
         took = time.monotonic() - t0
