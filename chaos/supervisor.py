@@ -421,6 +421,7 @@ class Supervisor:
         self._stopped = False
         self._client: redis.Redis | None = None
         self._raw_client: redis.Redis | None = None
+        self._inspector: threading.Thread | None = None
 
     # -- context manager ----------------------------------------------------------------
     def __enter__(self) -> Self:
@@ -546,6 +547,8 @@ class Supervisor:
         if self._monitor is not None and self._monitor is not threading.current_thread():
             self._monitor.join(timeout=5.0)
         self._await_exits(live, self.stop_timeout_s if timeout is None else timeout)
+        if self._inspector is not None:
+            self._inspector.join(timeout=5.0)  # its Redis calls time out within 3 s
         with self._lock:
             self._stopped = True
             clients = (self._client, self._raw_client)
@@ -763,6 +766,19 @@ class Supervisor:
         return {str(r["name"]): int(r["idle"]) for r in rows}, None
 
     # -- crash evidence -----------------------------------------------------------------
+    def _start_inspector(self) -> None:
+        """Read crashed consumers' pending entries in a thread of their own: Redis may be slow
+        or down (the crash may be its doing), and the monitor must go on restarting."""
+        with self._lock:
+            if self._closing or not any(i.inspect_start_no is not None
+                                        for i in self._instances.values()):
+                return
+            if self._inspector is not None and self._inspector.is_alive():
+                return
+            self._inspector = threading.Thread(target=self._inspect_crashes, daemon=True,
+                                               name=f"supervisor-evidence-{self.prefix}")
+            self._inspector.start()
+
     def _inspect_crashes(self) -> None:
         """After a crash, record what the crashed consumer had pending (a ``pending`` event).
 
@@ -1008,7 +1024,7 @@ class Supervisor:
             except Exception:  # noqa: BLE001 - the monitor must outlive any one bad tick
                 log.exception("supervisor: monitor tick failed")
             self._flush()
-            self._inspect_crashes()
+            self._start_inspector()
             self._wake.wait(self.poll_interval_s)
 
     def _await_exits(self, procs: Iterable[tuple[_Instance, subprocess.Popen[bytes]]],
