@@ -25,7 +25,9 @@ def governor_findings(events: Iterable[Mapping[str, Any]]) -> list[dict[str, Any
     is a finding, not a start failure), ``pending`` (entries it held at its last crash) and
     ``suspect``: the pending entry with the highest delivery count seen after any of its
     crashes (``id``, ``deliveries``, ``fields`` escaped where not UTF-8, ``non_utf8``), or
-    None when it held nothing (or Redis could not be asked: ``evidence_error``)."""
+    None when it held nothing (or Redis could not be asked: ``evidence_error``). Also an
+    instance that never crashed but was never seen in group ``governor`` by the end of the
+    run (``never_in_group``: it was ready only by staying up; did it read the stream?)."""
     per: dict[str, dict[str, Any]] = {}
 
     def entry(consumer: str) -> dict[str, Any]:
@@ -33,7 +35,7 @@ def governor_findings(events: Iterable[Mapping[str, Any]]) -> list[dict[str, Any
             "consumer": consumer, "crashes": 0, "starts": 0, "crash_loop": False,
             "gave_up": False, "first_crash_ms": None, "last_crash_ms": None,
             "last_returncode": None, "served": False, "pending": None, "suspect": None,
-            "evidence_error": None})
+            "evidence_error": None, "never_in_group": False})
 
     for ev in sorted(events, key=lambda e: e.get("ms") or 0):
         consumer, kind = ev.get("consumer"), ev.get("type")
@@ -53,6 +55,8 @@ def governor_findings(events: Iterable[Mapping[str, Any]]) -> list[dict[str, Any
             e["gave_up"] = True
         elif kind == "ready" and ev.get("how") == "listed":
             e["served"] = True
+        elif kind == "membership":
+            e["never_in_group"] = not ev.get("listed")
         elif kind == "pending":
             if ev.get("error"):
                 e["evidence_error"] = ev["error"]
@@ -67,12 +71,15 @@ def governor_findings(events: Iterable[Mapping[str, Any]]) -> list[dict[str, Any
                         >= int(best.get("deliveries") or 0)):
                 e["suspect"] = {k: top.get(k) for k in ("id", "deliveries", "fields",
                                                         "non_utf8")}
-    found = [e for e in per.values() if e["crashes"]]
+    found = [e for e in per.values() if e["crashes"] or e["never_in_group"]]
     return sorted(found, key=lambda e: (-e["crashes"], e["consumer"]))
 
 
 def describe(finding: Mapping[str, Any]) -> str:
     """One line for a terminal or a report: who kept dying, and on which entry."""
+    if not finding.get("crashes"):
+        return (f"{finding['consumer']} was never seen in consumer group 'governor' (ready "
+                f"only by staying up): did it read the plan stream?")
     what = "crash-looped" if finding.get("crash_loop") else "crashed"
     line = (f"{finding['consumer']} {what}: {finding['crashes']} crash(es) in "
             f"{finding['starts']} start(s), last return code {finding.get('last_returncode')}")

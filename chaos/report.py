@@ -1158,7 +1158,8 @@ def _governor_findings(ctx: _Ctx) -> list[dict[str, Any]]:
     return governor_findings(ctx.facts.governor_events)
 
 
-_FINDINGS_INTRO = ("Instances that exited without being asked to. A restarted instance keeps "
+_FINDINGS_INTRO = ("Instances that exited without being asked to (or were never seen reading "
+                   "the plan stream). A restarted instance keeps "
                    "its consumer name and is handed its pending entries again: the entry "
                    "with the highest delivery count is the likely poison pill (fields shown "
                    "as stored; bytes that are not UTF-8 as \\xNN).")
@@ -1170,7 +1171,7 @@ def _governor_findings_md(ctx: _Ctx) -> list[str]:
     found = _governor_findings(ctx)
     if not found:
         return []
-    return ["## Governor crashes", "", _FINDINGS_INTRO, ""] + [
+    return ["## Governor findings", "", _FINDINGS_INTRO, ""] + [
         f"- {_md_cell(describe(f))}" for f in found] + [""]
 
 
@@ -1180,7 +1181,7 @@ def _governor_findings_html(ctx: _Ctx) -> list[str]:
     found = _governor_findings(ctx)
     if not found:
         return []
-    return ["<h2>Governor crashes</h2>", f"<p>{_h(_FINDINGS_INTRO)}</p>",
+    return ["<h2>Governor findings</h2>", f"<p>{_h(_FINDINGS_INTRO)}</p>",
             "<ul>" + "".join(f"<li><code>{_h(describe(f))}</code></li>" for f in found)
             + "</ul>"]
 

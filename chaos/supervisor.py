@@ -70,7 +70,8 @@ the type (``pid``, ``returncode``...). Types: ``start``, ``start_failed``, ``cra
 ``crash_loop``, ``gave_up``, ``kill``, ``stop``, ``exit`` (an exit the supervisor caused,
 ``cause`` ``kill`` or ``stop``), ``pause``, ``resume``, ``ready`` (``how``: ``listed`` in the
 plan group or up for the ``grace``), ``pending`` (after a crash: what the consumer holds
-pending, see :meth:`Supervisor.pending_evidence`)."""
+pending, see :meth:`Supervisor.pending_evidence`), ``membership`` (at stop, for an instance
+ready only by the grace and never seen in the group: ``listed`` now or not)."""
 
 EventSink = Callable[[Event], None]
 
@@ -525,6 +526,7 @@ class Supervisor:
         """Stop every instance and reap it: SIGCONT (a paused governor cannot act on
         SIGTERM), SIGTERM, wait up to ``timeout``, then SIGKILL. Each group's stragglers are
         SIGKILLed once the leader is gone. Idempotent."""
+        self._record_membership()
         with self._lock:
             if self._stopped:
                 return
@@ -778,6 +780,37 @@ class Supervisor:
             self._inspector = threading.Thread(target=self._inspect_crashes, daemon=True,
                                                name=f"supervisor-evidence-{self.prefix}")
             self._inspector.start()
+
+    def _record_membership(self) -> None:
+        """Before stopping: for each instance that was ready only by staying up and was never
+        seen in the plan group, one ``membership`` event saying whether it is listed now. A
+        governor that never read the stream (a wrong address, a command that only sleeps)
+        is then named in the findings instead of leaving only undecided plans behind."""
+        with self._lock:
+            if self._closing or not self._started:
+                return
+            unseen = [i for i in self._instances.values() if i.ready_once and not i.in_group]
+        if not unseen:
+            return
+        try:
+            if self._raw_client is None:
+                self._raw_client = connect(self.redis_url, decode_responses=False,
+                                           socket_timeout=2.0, socket_connect_timeout=1.0)
+            rows = self._raw_client.xinfo_consumers(Keys(self.prefix).plans, GROUP_GOVERNOR)
+        except (redis.RedisError, OSError) as exc:
+            log.info("supervisor: group membership not readable at stop: %s", exc)
+            return
+        listed = {_text(row["name"]): int(row["pending"]) for row in rows}
+        with self._lock:
+            for inst in unseen:
+                inst.in_group = inst.consumer in listed
+                self._emit("membership", inst, listed=inst.in_group,
+                           pending=listed.get(inst.consumer, 0))
+                if not inst.in_group:
+                    log.warning("supervisor: %s was never seen in group %r (ready only by "
+                                "staying up %gs): did it read %s?", inst.consumer,
+                                GROUP_GOVERNOR, self.ready_grace_s, Keys(self.prefix).plans)
+        self._flush()
 
     def _inspect_crashes(self) -> None:
         """After a crash, record what the crashed consumer had pending (a ``pending`` event).

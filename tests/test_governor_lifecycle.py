@@ -26,6 +26,7 @@ from typing import Any
 import psutil
 import pytest
 
+from chaos.governor_findings import describe, governor_findings
 from chaos.redis_servers import EmbeddedRedis
 from chaos.supervisor import GovernorSpec, Supervisor
 
@@ -104,6 +105,22 @@ def test_minimal_governor_is_ready_without_being_listed(redis_server: EmbeddedRe
         wait_for(lambda: r.xlen(f"{prefix}:stream:governor.events"), 10, "a decision")
 
 
+@pytest.mark.usefixtures("no_leftover_governors")
+def test_instance_that_only_stays_up_is_ready_and_named_at_stop(
+        redis_server: EmbeddedRedis, prefix: str, tmp_path: Path) -> None:
+    """The grace rule's price, made visible: a command that never reads is ready after the
+    grace period, and at stop it is named as never seen in the group."""
+    sleeper = "python -c 'import time; time.sleep(600)'"
+    with _supervisor(redis_server, prefix, tmp_path, sleeper, 1, ready_grace_s=1.0) as sup:
+        assert set(sup.wait_ready(timeout=10)) == {"gov-1"}
+    membership = [e for e in sup.events if e["type"] == "membership"]
+    assert [(e["consumer"], e["listed"]) for e in membership] == [("gov-1", False)]
+    findings = governor_findings([{"ms": e["t_wall_ms"], **e} for e in sup.events])
+    assert [(f["consumer"], f["never_in_group"], f["crashes"]) for f in findings] == [
+        ("gov-1", True, 0)]
+    assert "never seen in consumer group" in describe(findings[0])
+
+
 def test_minimal_governor_run_is_not_a_start_error(tmp_path: Path) -> None:
     out = tmp_path / "run"
     p = chaos("run", "--scenario", "open-storm", "--duration", "2", "--governors", "2",
@@ -180,7 +197,7 @@ def test_poison_pill_run_is_invalid_and_names_the_entry(tmp_path: Path) -> None:
         assert s["non_utf8"] and "\\x" in "".join(s["fields"][k] for k in s["non_utf8"])
         assert s["deliveries"] >= 2
     report = (out / "report.md").read_text()
-    assert "## Governor crashes" in report
+    assert "## Governor findings" in report
     assert any(s["fields"]["plan_id"] in report and s["id"] in report for s in suspects)
     logs = (out / "logs" / f"{findings[0]['consumer']}.log").read_text()
     assert logs.count("supervisor: start #") >= 3 and "UnicodeDecodeError" in logs
