@@ -1169,6 +1169,41 @@ def _md_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]
     return out
 
 
+def _governor_findings(ctx: _Ctx) -> list[dict[str, Any]]:
+    """Instances that kept dying (from the history, so a stored run shows them too)."""
+    from chaos.governor_findings import governor_findings
+
+    return governor_findings(ctx.facts.governor_events)
+
+
+_FINDINGS_INTRO = ("Instances that exited without being asked to (or were never seen reading "
+                   "the plan stream). A restarted instance keeps "
+                   "its consumer name and is handed its pending entries again: the entry "
+                   "with the highest delivery count is the likely poison pill (fields shown "
+                   "as stored; bytes that are not UTF-8 as \\xNN).")
+
+
+def _governor_findings_md(ctx: _Ctx) -> list[str]:
+    from chaos.governor_findings import describe
+
+    found = _governor_findings(ctx)
+    if not found:
+        return []
+    return ["## Governor findings", "", _FINDINGS_INTRO, ""] + [
+        f"- {_md_cell(describe(f))}" for f in found] + [""]
+
+
+def _governor_findings_html(ctx: _Ctx) -> list[str]:
+    from chaos.governor_findings import describe
+
+    found = _governor_findings(ctx)
+    if not found:
+        return []
+    return ["<h2>Governor findings</h2>", f"<p>{_h(_FINDINGS_INTRO)}</p>",
+            "<ul>" + "".join(f"<li><code>{_h(describe(f))}</code></li>" for f in found)
+            + "</ul>"]
+
+
 def _render_markdown(ctx: _Ctx, plots: list[_Plot]) -> str:
     m = ctx.meta
     L = [f"# Chaos run report: {m.get('scenario', ctx.facts.run_dir.name)} / "
@@ -1183,6 +1218,7 @@ def _render_markdown(ctx: _Ctx, plots: list[_Plot]) -> str:
         L += _md_table(("model", "result", "violations", "note"), _model_rows(ctx)) + [""]
     if _coverage_rows(ctx):
         L += ["## Coverage", ""] + _md_table(("", ""), _coverage_rows(ctx)) + [""]
+    L += _governor_findings_md(ctx)
     if ctx.facts.faults:
         L += ["## Faults", ""]
         L += _md_table(("kind", "target", "start (s)", "stop (s)", "length (s)", "started"),
@@ -1291,6 +1327,7 @@ def _render_html(ctx: _Ctx, plots: list[_Plot]) -> str:
                              cell_class=lambda i, c: str(c) if i == 1 else ""))
     if _coverage_rows(ctx):
         B += ["<h2>Coverage</h2>", _html_table(None, _coverage_rows(ctx))]
+    B += _governor_findings_html(ctx)
     if ctx.facts.faults:
         B.append("<h2>Faults</h2>")
         B.append(_html_table(("kind", "target", "start (s)", "stop (s)", "length (s)",

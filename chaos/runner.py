@@ -327,14 +327,19 @@ class Run:
             self._healed = True
             if self.opts.probe:
                 phases.invoke(F.PHASE, key="probe")
-                if self.supervisor is not None:
-                    self.supervisor.wait_ready(timeout=30)
+                decision_timeout_s = 20.0
+                if self.supervisor is not None and not self.supervisor.wait_ready(timeout=30):
+                    # Every instance served, then kept dying (a finding, in the history): the
+                    # probe goes on and fails, but a decision can only come from a restart.
+                    log.warning("probe: no governor instance is serving (crash loops)")
+                    decision_timeout_s = self.supervisor.restart_backoff_max_s + 2.0
                 assert self.keys is not None and self.exchange is not None
                 assert self.provider is not None
                 result.probe = run_probe(self.provider.client(encoding_errors="replace"),
                                          self.keys, self.exchange,
                                          self.sc.governor_config(), self.writer("probe"),
-                                         max_wait_s=self.opts.probe_max_wait_s)
+                                         max_wait_s=self.opts.probe_max_wait_s,
+                                         decision_timeout_s=decision_timeout_s)
                 phases.ok(F.PHASE, key="probe", ok=result.probe.ok)
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (the CLI raises a subclass)
             result.status = "interrupted"

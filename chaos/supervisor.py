@@ -22,10 +22,14 @@ Why it is built this way:
 * "The governor command does not start" must never be reported as an invariant
   violation: :meth:`Supervisor.wait_ready` raises :class:`GovernorStartError` (with the
   command, the return code and the tail of the instance's log) when the command is not
-  found, exits again and again right after starting, or never joins consumer group
-  ``governor``.
+  found, exits again and again right after starting, or neither joins consumer group
+  ``governor`` nor stays up for ``ready_grace_s`` (Redis 6.2 lists a consumer blocked in
+  ``XREADGROUP ... >`` only once a read returns, so a listing cannot be required).
 * A governor that keeps dying during a run is restarted with a doubling backoff (capped)
-  and recorded, never restarted in a busy loop.
+  and recorded, never restarted in a busy loop. Once it has served (been ready and seen in
+  the group), a crash loop is a finding about the governor, not a start error: after each
+  crash the consumer's pending entries are recorded (a poison pill is the one with the
+  highest delivery count), and :meth:`Supervisor.wait_ready` no longer waits for it.
 
 Each instance's stdout and stderr are appended to ``log_dir/<consumer>.log``, with a
 header line per start, across restarts.
@@ -65,7 +69,10 @@ Event = dict[str, Any]
 """One supervisor event: ``type``, ``consumer``, ``t_mono_ns``, ``t_wall_ms`` and fields of
 the type (``pid``, ``returncode``...). Types: ``start``, ``start_failed``, ``crash``,
 ``crash_loop``, ``gave_up``, ``kill``, ``stop``, ``exit`` (an exit the supervisor caused,
-``cause`` ``kill`` or ``stop``), ``pause``, ``resume``."""
+``cause`` ``kill`` or ``stop``), ``pause``, ``resume``, ``ready`` (``how``: ``listed`` in the
+plan group or up for the ``grace``), ``pending`` (after a crash: what the consumer holds
+pending, see :meth:`Supervisor.pending_evidence`), ``membership`` (at stop, for an instance
+ready only by the grace and never seen in the group: ``listed`` now or not)."""
 
 EventSink = Callable[[Event], None]
 
@@ -221,6 +228,9 @@ class _Instance:
     crash_loop_reported: bool = False
     log_offset: int | None = None  # where this supervisor's lines start in a reused log
     extra_env: dict[str, str] | None = None  # per-instance overrides (set_instance_env)
+    ready_once: bool = False  # wait_ready has reported it ready at least once
+    in_group: bool = False  # seen in the plan group (listed, or holding pending entries)
+    inspect_start_no: int | None = None  # a crash whose pending entries are still to read
 
 
 # --------------------------------------------------------------------------- process helpers
@@ -299,6 +309,28 @@ def _spawn_error_reason(exc: OSError, argv: list[str], cwd: str | None) -> str:
     return f"command could not be executed: {exe!r}: {exc.strerror or exc}"
 
 
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _is_utf8(value: Any) -> bool:
+    if not isinstance(value, bytes):
+        return True
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _escaped(value: Any) -> str:
+    """A stream field as text: UTF-8 as is, any other byte as ``\\xNN`` (the bytes that
+    crash a governor must survive into JSON and Markdown, and stay recognisable)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    return str(value)
+
+
 def _now_fields() -> dict[str, int]:
     return {"t_mono_ns": time.monotonic_ns(), "t_wall_ms": time.time_ns() // 1_000_000}
 
@@ -348,6 +380,7 @@ class Supervisor:
         stop_timeout_s: float = 5.0,
         consumer_prefix: str = "gov",
         poll_interval_s: float = 0.02,
+        ready_grace_s: float = 3.0,
     ) -> None:
         if count < 1:
             raise ValueError(f"count must be >= 1, not {count}")
@@ -358,6 +391,8 @@ class Supervisor:
             raise ValueError("quick_exit_limit must be >= 1")
         if max_restarts_per_instance is not None and max_restarts_per_instance < 0:
             raise ValueError("max_restarts_per_instance must be >= 0 or None")
+        if ready_grace_s <= 0:
+            raise ValueError("ready_grace_s must be > 0")
         self.spec = spec
         self.redis_url = redis_url
         self.prefix = prefix
@@ -372,6 +407,7 @@ class Supervisor:
         self.quick_exit_limit = quick_exit_limit
         self.stop_timeout_s = stop_timeout_s
         self.poll_interval_s = poll_interval_s
+        self.ready_grace_s = ready_grace_s
         self._instances: dict[str, _Instance] = {
             name: _Instance(name, self.log_dir / f"{name}.log")
             for name in (f"{consumer_prefix}-{i}" for i in range(1, count + 1))
@@ -386,6 +422,8 @@ class Supervisor:
         self._closing = False
         self._stopped = False
         self._client: redis.Redis | None = None
+        self._raw_client: redis.Redis | None = None
+        self._inspector: threading.Thread | None = None
 
     # -- context manager ----------------------------------------------------------------
     def __enter__(self) -> Self:
@@ -489,6 +527,7 @@ class Supervisor:
         """Stop every instance and reap it: SIGCONT (a paused governor cannot act on
         SIGTERM), SIGTERM, wait up to ``timeout``, then SIGKILL. Each group's stragglers are
         SIGKILLed once the leader is gone. Idempotent."""
+        self._record_membership()
         with self._lock:
             if self._stopped:
                 return
@@ -511,12 +550,16 @@ class Supervisor:
         if self._monitor is not None and self._monitor is not threading.current_thread():
             self._monitor.join(timeout=5.0)
         self._await_exits(live, self.stop_timeout_s if timeout is None else timeout)
+        if self._inspector is not None:
+            self._inspector.join(timeout=5.0)  # its Redis calls time out within 3 s
         with self._lock:
             self._stopped = True
-            client, self._client = self._client, None
-        if client is not None:
-            with contextlib.suppress(Exception):
-                client.close()
+            clients = (self._client, self._raw_client)
+            self._client = self._raw_client = None
+        for client in clients:
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    client.close()
         _live_supervisors.discard(self)
         self._flush()
         log.info("supervisor: stopped all instances on prefix %s", self.prefix)
@@ -619,13 +662,25 @@ class Supervisor:
 
     # -- readiness ----------------------------------------------------------------------
     def wait_ready(self, timeout: float = 30.0, *, stop_on_error: bool = True) -> dict[str, int]:
-        """Until every instance meant to run is alive, not paused, and has joined consumer
-        group ``governor`` on ``P:stream:apply.plan`` since its latest start; returns
-        consumer -> pid. Starts the supervisor if :meth:`start` was not called.
+        """Until every instance meant to run is alive, not paused and ready; returns consumer
+        -> pid of the ready ones. Starts the supervisor if :meth:`start` was not called.
 
-        Raises :class:`GovernorStartError` as soon as an instance has exited
-        ``quick_exit_limit`` times in a row within ``quick_exit_s`` of starting (once with
-        ``restart=False``), its command cannot be executed, or restarts were given up;
+        Ready means what the protocol lets us observe, nothing more: the instance's consumer
+        is listed in group ``governor`` on ``P:stream:apply.plan`` as seen since its latest
+        start, *or* its process has stayed up ``ready_grace_s`` without exiting. The second
+        case exists because a governor may do nothing but ``XREADGROUP ... BLOCK ... >``, and
+        Redis 6.2 lists such a consumer only once a read returns entries (and does not
+        refresh a restarted one's idle time while it blocks).
+
+        An instance that has served (it was ready before and has been seen in the group) and
+        now keeps dying is a finding about the governor, not a start failure: it is left out
+        (neither waited for nor returned) while the supervisor goes on restarting it with its
+        capped backoff; its crashes and pending entries are in the events. So this may return
+        fewer instances than are running, or none.
+
+        Raises :class:`GovernorStartError` as soon as an instance that never served has
+        exited ``quick_exit_limit`` times in a row within ``quick_exit_s`` of starting (once
+        with ``restart=False``), its command cannot be executed, or restarts were given up;
         :class:`GovernorNotReady` at the timeout. With ``stop_on_error`` everything is
         stopped before raising, so a caller reporting the error leaks nothing.
         """
@@ -633,22 +688,33 @@ class Supervisor:
             self.start()
         deadline = time.monotonic() + timeout
         redis_error: str | None = None
+        grace_ms = self.ready_grace_s * 1000.0
         try:
             while True:
                 self._raise_if_failed()
                 with self._lock:
                     now = time.monotonic()
+                    left_out = {c for c, inst in self._instances.items()
+                                if inst.want_running and self._served_then_failing(inst)}
                     wanted = {c: (inst.proc.pid, (now - inst.started_mono) * 1000.0)
                               for c, inst in self._instances.items()
                               if inst.want_running and inst.proc is not None
-                              and not inst.paused and not _has_exited(inst.proc)}
-                    required = [c for c, inst in self._instances.items() if inst.want_running]
+                              and not inst.paused and not _has_exited(inst.proc)
+                              and c not in left_out}
+                    required = [c for c, inst in self._instances.items()
+                                if inst.want_running and c not in left_out]
                 idle, redis_error = self._consumer_idle_ms()
                 # Seen since its latest start: a consumer entry survives its process, so a
-                # restarted instance is only ready once it has read the stream again.
+                # listing only counts once the restarted instance has read the stream again.
+                listed = {c for c, (_pid, elapsed_ms) in wanted.items()
+                          if c in idle and idle[c] + 1 <= elapsed_ms}
                 ready = {c: pid for c, (pid, elapsed_ms) in wanted.items()
-                         if c in idle and idle[c] + 1 <= elapsed_ms}
+                         if c in listed or elapsed_ms >= grace_ms}
+                with self._lock:
+                    for c in listed:
+                        self._instances[c].in_group = True
                 if all(c in ready for c in required):
+                    self._mark_ready(ready, listed, left_out)
                     return ready
                 if time.monotonic() >= deadline:
                     raise self._not_ready(timeout, required, ready, redis_error)
@@ -657,6 +723,37 @@ class Supervisor:
             if stop_on_error:
                 self.stop()
             raise
+
+    def _mark_ready(self, ready: Mapping[str, int], listed: set[str],
+                    left_out: set[str]) -> None:
+        """Record who is ready and how (``listed`` in the group, or up for the ``grace``)."""
+        with self._lock:
+            for c in ready:
+                inst = self._instances[c]
+                inst.ready_once = True
+                self._emit("ready", inst, pid=ready[c],
+                           how="listed" if c in listed else "grace")
+                if c not in listed:
+                    log.info("supervisor: %s is ready by staying up %gs (not listed in group "
+                             "%r yet: it may be blocked in its first read)", c,
+                             self.ready_grace_s, GROUP_GOVERNOR)
+            for c in sorted(left_out):
+                inst = self._instances[c]
+                log.warning("supervisor: %s served, then kept dying (%d crash(es), last return "
+                            "code %s): not waited for; see %s", c, inst.crashes,
+                            describe_returncode(inst.last_returncode)
+                            if inst.last_returncode is not None else "?", inst.log_path)
+        self._flush()
+
+    def _failing(self, inst: _Instance) -> bool:
+        """Exited again and again right after starting, given up, or exited with no restart."""
+        return (inst.gave_up or inst.quick_exits >= self.quick_exit_limit
+                or (not self.restart_enabled and inst.crashes > 0
+                    and inst.proc is None and inst.restart_at is None))
+
+    def _served_then_failing(self, inst: _Instance) -> bool:
+        """A finding, not a start error: it was ready and seen in the group, then kept dying."""
+        return inst.ready_once and inst.in_group and self._failing(inst)
 
     def _consumer_idle_ms(self) -> tuple[dict[str, int], str | None]:
         """consumer -> idle ms in the plan group, and the Redis error if it could not say."""
@@ -671,6 +768,111 @@ class Supervisor:
             return {}, f"Redis unreachable: {type(exc).__name__}: {exc}"
         return {str(r["name"]): int(r["idle"]) for r in rows}, None
 
+    # -- crash evidence -----------------------------------------------------------------
+    def _start_inspector(self) -> None:
+        """Read crashed consumers' pending entries in a thread of their own: Redis may be slow
+        or down (the crash may be its doing), and the monitor must go on restarting."""
+        with self._lock:
+            if self._closing or not any(i.inspect_start_no is not None
+                                        for i in self._instances.values()):
+                return
+            if self._inspector is not None and self._inspector.is_alive():
+                return
+            self._inspector = threading.Thread(target=self._inspect_crashes, daemon=True,
+                                               name=f"supervisor-evidence-{self.prefix}")
+            self._inspector.start()
+
+    def _record_membership(self) -> None:
+        """Before stopping: for each instance that was ready only by staying up and was never
+        seen in the plan group, one ``membership`` event saying whether it is listed now. A
+        governor that never read the stream (a wrong address, a command that only sleeps)
+        is then named in the findings instead of leaving only undecided plans behind."""
+        with self._lock:
+            if self._closing or not self._started:
+                return
+            unseen = [i for i in self._instances.values() if i.ready_once and not i.in_group]
+        if not unseen:
+            return
+        try:
+            if self._raw_client is None:
+                self._raw_client = connect(self.redis_url, decode_responses=False,
+                                           socket_timeout=2.0, socket_connect_timeout=1.0)
+            rows = self._raw_client.xinfo_consumers(Keys(self.prefix).plans, GROUP_GOVERNOR)
+        except (redis.RedisError, OSError) as exc:
+            log.info("supervisor: group membership not readable at stop: %s", exc)
+            return
+        listed = {_text(row["name"]): int(row["pending"]) for row in rows}
+        with self._lock:
+            for inst in unseen:
+                inst.in_group = inst.consumer in listed
+                self._emit("membership", inst, listed=inst.in_group,
+                           pending=listed.get(inst.consumer, 0))
+                if not inst.in_group:
+                    log.warning("supervisor: %s was never seen in group %r (ready only by "
+                                "staying up %gs): did it read %s?", inst.consumer,
+                                GROUP_GOVERNOR, self.ready_grace_s, Keys(self.prefix).plans)
+        self._flush()
+
+    def _inspect_crashes(self) -> None:
+        """After a crash, record what the crashed consumer had pending (a ``pending`` event).
+
+        A governor that dies on one input and is restarted under the same consumer name is
+        given that entry again, so the entry it holds with the highest delivery count is the
+        prime suspect of a crash loop: the event carries its id, delivery count and fields,
+        so that a stored run can name it. Redis is asked outside the lock, with short
+        timeouts (it may itself be down: the event then says why it could not be read).
+        """
+        with self._lock:
+            todo = [(inst, inst.inspect_start_no) for inst in self._instances.values()
+                    if inst.inspect_start_no is not None]
+            for inst, _ in todo:
+                inst.inspect_start_no = None
+        for inst, start_no in todo:
+            if self._closing:
+                return
+            evidence = self.pending_evidence(inst.consumer)
+            with self._lock:
+                if evidence.get("pending") or evidence.get("listed"):
+                    inst.in_group = True
+                self._emit("pending", inst, start_no=start_no, **evidence)
+            self._flush()
+
+    def pending_evidence(self, consumer: str, limit: int = 100) -> dict[str, Any]:
+        """What ``consumer`` holds pending in group ``governor`` (``XPENDING``), read
+        bytes-safe: ``pending`` (count), ``listed`` (whether XINFO CONSUMERS lists it),
+        ``entries`` (``[id, delivery count]``, the ``limit`` oldest, highest counts first,
+        at most 10 kept) and ``top``: the entry with the highest delivery count, with its
+        fields (``XRANGE``) escaped where they are not UTF-8 (named in ``non_utf8``);
+        ``error`` instead when Redis could not say."""
+        keys = Keys(self.prefix)
+        try:
+            if self._raw_client is None:
+                self._raw_client = connect(self.redis_url, decode_responses=False,
+                                           socket_timeout=2.0, socket_connect_timeout=1.0)
+            r = self._raw_client
+            rows = r.xinfo_consumers(keys.plans, GROUP_GOVERNOR)
+            listed = {_text(row["name"]): int(row["pending"]) for row in rows}
+            pending = r.xpending_range(keys.plans, GROUP_GOVERNOR, min="-", max="+",
+                                       count=limit, consumername=consumer)
+            entries = sorted(((_text(p["message_id"]), int(p["times_delivered"]),
+                               int(p["time_since_delivered"])) for p in pending),
+                             key=lambda e: (-e[1], e[0]))
+            top: dict[str, Any] | None = None
+            if entries:
+                entry_id, deliveries, idle_ms = entries[0]
+                found = r.xrange(keys.plans, min=entry_id, max=entry_id, count=1)
+                raw_fields = found[0][1] if found else None
+                top = {"id": entry_id, "deliveries": deliveries, "idle_ms": idle_ms,
+                       "fields": None, "non_utf8": []}
+                if raw_fields is not None:  # None: the entry was deleted (XDEL, trimmed)
+                    top["fields"] = {_escaped(k): _escaped(v) for k, v in raw_fields.items()}
+                    top["non_utf8"] = sorted(_escaped(k) for k, v in raw_fields.items()
+                                             if not (_is_utf8(k) and _is_utf8(v)))
+        except (redis.RedisError, OSError) as exc:
+            return {"error": f"{type(exc).__name__}: {exc}"}
+        return {"pending": listed.get(consumer, len(entries)), "listed": consumer in listed,
+                "entries": [[e[0], e[1]] for e in entries[:10]], "top": top}
+
     def _raise_if_failed(self) -> None:
         with self._lock:
             for inst in self._instances.values():
@@ -678,6 +880,8 @@ class Supervisor:
                     continue
                 if inst.spawn_error is not None:
                     raise inst.spawn_error
+                if self._served_then_failing(inst):
+                    continue  # a finding about the governor (see wait_ready), not a start error
                 reason = None
                 if inst.gave_up:
                     reason = (f"{inst.consumer} kept exiting; gave up after "
@@ -695,7 +899,8 @@ class Supervisor:
                    redis_error: str | None) -> GovernorNotReady:
         missing = [c for c in required if c not in ready]
         reason = (f"{', '.join(missing)} did not join consumer group {GROUP_GOVERNOR!r} on "
-                  f"{Keys(self.prefix).plans} within {timeout:g}s")
+                  f"{Keys(self.prefix).plans} (nor stay up {self.ready_grace_s:g}s without "
+                  f"exiting) within {timeout:g}s")
         if redis_error:
             reason += f" (last Redis error: {redis_error})"
         with self._lock:
@@ -798,6 +1003,7 @@ class Supervisor:
 
         inst.crashes += 1
         inst.quick_exits = inst.quick_exits + 1 if uptime < self.quick_exit_s else 0
+        inst.inspect_start_no = inst.starts  # the monitor reads its pending entries next
         limit = self.max_restarts_per_instance
         if may_restart and limit is not None and inst.crash_restarts >= limit:
             may_restart = False
@@ -854,6 +1060,7 @@ class Supervisor:
             except Exception:  # noqa: BLE001 - the monitor must outlive any one bad tick
                 log.exception("supervisor: monitor tick failed")
             self._flush()
+            self._start_inspector()
             self._wake.wait(self.poll_interval_s)
 
     def _await_exits(self, procs: Iterable[tuple[_Instance, subprocess.Popen[bytes]]],

@@ -18,6 +18,7 @@ from typing import Any
 from chaos.checkers.coverage import coverage
 from chaos.checkers.facts import Facts, Forked, ForkError, _can_fork, gather, gc_paused
 from chaos.checkers.invariants import CHECKERS, INVARIANTS, CheckResult, Violation
+from chaos.governor_findings import governor_findings
 
 __all__ = ["CHECKERS", "INVARIANTS", "CheckResult", "Facts", "Verdict", "Violation",
            "check_run", "combine", "gather", "run_checkers"]
@@ -158,6 +159,8 @@ def check_run(run_dir: str | Path, write: bool = True, models: bool = True,
         "run_status": status, "faults": [
             {"kind": w.kind, "start_ms": w.start_ms, "stop_ms": w.stop_ms, "ok": w.ok,
              "target": w.target} for w in facts.faults],
+        # instances that kept dying, with the entry each held pending most often
+        "governor_findings": governor_findings(facts.governor_events),
     })
     if models:
         from chaos.checkers.model import check_model
