@@ -17,9 +17,11 @@ EXIT_VALID, EXIT_INVALID, EXIT_UNKNOWN, EXIT_BAD_ARGS, EXIT_HARNESS = 0, 1, 2, 2
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse exits 2; 2 means "unknown" here
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_BAD_ARGS, f"{self.prog}: error: {message}\n")
+    def error(self, message: str) -> None:
+        """Exit 254 (argparse's 2 means "unknown" here) with one line naming the option:
+        a usage block before it buried the one line that says what is wrong."""
+        self.exit(EXIT_BAD_ARGS, f"{self.prog}: error: {' '.join(message.split())} "
+                                 f"(see {self.prog} --help)\n")
 
 
 def _parser() -> argparse.ArgumentParser:

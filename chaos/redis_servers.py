@@ -355,19 +355,22 @@ def redact_url(url: str) -> str:
     password reaches a URL in several ways and each writer missed one: the user part
     (``redis://:pw@``, ``redis://user:pw@``, ``rediss://``, ``redis-sentinel://:pw@h:p,h:p``)
     and query parameters (``?password=``, ``sentinel_password=``: any name containing
-    ``pass``). A fragment is masked whole: a ``#`` in an unquoted password makes the rest
-    of the password look like one.
+    ``pass``). A URL with a fragment is masked whole: a ``#`` in an unquoted password
+    makes the rest of the password look like one.
     """
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<unparseable URL>"
+    if parts.fragment:
+        return f"{parts.scheme}://***"  # a '#' inside a password: where it ends is unknown
     user, at, hosts = parts.netloc.rpartition("@")
     if at and ":" in user:
         user = user.split(":", 1)[0] + ":***"
     query = re.sub(r"(?i)((?:^|&|;)[^=&;]*pass[^=&;]*=)[^&;]*", r"\1***", parts.query)
-    return urlunsplit(parts._replace(netloc=f"{user}{at}{hosts}", query=query,
-                                     fragment="***" if parts.fragment else ""))
+    if (user, query) == (parts.netloc.rpartition("@")[0], parts.query):
+        return url  # nothing to mask: the URL as given (urlunsplit would normalise it)
+    return urlunsplit(parts._replace(netloc=f"{user}{at}{hosts}", query=query))
 
 
 _redact = redact_url  # the name older callers use

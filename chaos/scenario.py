@@ -347,10 +347,14 @@ def _within(v: Any, where: str, lo: float | None, hi: float | None) -> Any:
     if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
         raise ScenarioError(f"{where}: must be a finite number, got {v!r}")
     if (lo is not None and v < lo) or (hi is not None and v > hi):
-        lo_s = "" if lo is None else f"{lo:g}"
-        hi_s = "" if hi is None else f"{hi:g}"
+        lo_s = "" if lo is None else _fmt(lo)
+        hi_s = "" if hi is None else _fmt(hi)
         raise ScenarioError(f"{where}: must be within {lo_s}..{hi_s}, got {v!r}")
     return v
+
+
+def _fmt(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
 
 
 def _check_ranges(obj: Any, section: str) -> None:
