@@ -49,10 +49,10 @@ def test_url_provider_stop_removes_only_what_the_run_wrote(redis_server: Embedde
     other = redis_server.client()
     other.set("keep:me", "1")
     with provide("url", url=redis_server.url, prefix="fresh") as mine:
-        with mine.client().pipeline() as pipe:
-            for i in range(50):
-                pipe.set(f"fresh:k{i}", i)
-            pipe.execute()
+        pipe = mine.client().pipeline()
+        for i in range(50):
+            pipe.set(f"fresh:k{i}", i)
+        pipe.execute()
     assert other.keys("fresh:*") == [] and other.get("keep:me") == "1"
 
 
