@@ -254,13 +254,13 @@ PARAM_RANGES: dict[str, tuple[float, float]] = {
 
 
 def _number(kind: str, name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or \
-            not math.isfinite(value):
-        raise WorkloadError(f"workload {kind}: param {name} must be a finite number, "
-                            f"got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise WorkloadError(f"workload {kind}: param {name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise WorkloadError(f"workload {kind}: param {name} must be finite, got {value!r}")
     lo, hi = PARAM_RANGES.get(name, (-math.inf, math.inf))
     if not lo <= value <= hi:
-        raise WorkloadError(f"workload {kind}: param {name} must be within {lo:g}..{hi:g}, "
+        raise WorkloadError(f"workload {kind}: param {name} must be in [{lo:g}, {hi:g}], "
                             f"got {value!r}")
     return float(value)
 
