@@ -17,9 +17,11 @@ EXIT_VALID, EXIT_INVALID, EXIT_UNKNOWN, EXIT_BAD_ARGS, EXIT_HARNESS = 0, 1, 2, 2
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse exits 2; 2 means "unknown" here
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_BAD_ARGS, f"{self.prog}: error: {message}\n")
+    def error(self, message: str) -> None:
+        """Exit 254 (argparse's 2 means "unknown" here) with one line naming the option:
+        a usage block before it buried the one line that says what is wrong."""
+        self.exit(EXIT_BAD_ARGS, f"{self.prog}: error: {' '.join(message.split())} "
+                                 f"(see {self.prog} --help)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -190,17 +192,67 @@ def _scenarios() -> int:
     return EXIT_VALID
 
 
-def _run(args: argparse.Namespace) -> int:
+def _redis_args(args: argparse.Namespace) -> str | None:
+    """``--redis`` as given, or ``url`` when only ``--redis-url`` is (a URL given and then
+    ignored for an embedded Redis would test another server than the one asked for);
+    the URL's form is checked here, before anything starts. Raises ScenarioError."""
     from chaos import scenario as scn
-    from chaos.runner import HarnessError, RunOptions, run
+    from chaos.redis_servers import check_url
+
+    if args.redis_url is None:
+        if args.redis == "url":
+            raise scn.ScenarioError("--redis url needs --redis-url URL")
+        return args.redis
+    if args.redis not in (None, "url"):
+        raise scn.ScenarioError(f"--redis-url goes with --redis url, not --redis {args.redis}")
+    try:
+        check_url(args.redis_url)
+    except ValueError as exc:
+        raise scn.ScenarioError(f"--redis-url: {exc}") from None
+    return "url"
+
+
+def _reach(url: str) -> str | None:
+    """Why the Redis at ``url`` cannot be used (one line, password masked), or None.
+
+    Asked before a run directory exists, so that a wrong host or password is one line and
+    exit 255, not a traceback from the middle of a run that leaves a directory behind.
+    """
+    import redis
+
+    from chaos.redis_servers import redact_url
+
+    try:
+        c = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    except ValueError as exc:
+        return f"{redact_url(url)}: {exc}"
+    try:
+        c.ping()
+    except (redis.RedisError, OSError) as exc:
+        return f"cannot reach Redis at {redact_url(url)}: {' '.join(str(exc).split())}"
+    finally:
+        c.close()
+    return None
+
+
+def _run(args: argparse.Namespace) -> int:
+    import math
+
+    from chaos import scenario as scn
+    from chaos.redis_servers import RedisProviderError, redact_url
+    from chaos.runner import HarnessError, RunOptions, check_out, run
 
     try:
         sc = scn.load(args.scenario).with_overrides(seed=args.seed, duration_s=args.duration,
                                                     governors=args.governors)
-        if args.redis == "url" and not args.redis_url:
-            raise scn.ScenarioError("--redis url needs --redis-url URL")
+        redis_kind = _redis_args(args)
+        if not (math.isfinite(args.probe_max_wait) and 0 <= args.probe_max_wait <= 3600):
+            raise scn.ScenarioError("--probe-max-wait: must be within 0..3600 seconds")
+        if args.governor_cmd is not None and not args.governor_cmd.strip():
+            raise scn.ScenarioError("--governor-cmd: must not be empty")
+        check_out(args.out)
         opts = RunOptions(scenario=sc, governor=args.governor, governor_cmd=args.governor_cmd,
-                          redis_kind=args.redis, redis_url=args.redis_url, out=args.out,
+                          redis_kind=redis_kind, redis_url=args.redis_url, out=args.out,
                           progress=not args.quiet and sys.stderr.isatty(),
                           probe=not args.no_probe,
                           probe_max_wait_s=args.probe_max_wait)
@@ -208,14 +260,27 @@ def _run(args: argparse.Namespace) -> int:
     except scn.ScenarioError as exc:
         print(f"chaos run: {exc}", file=sys.stderr)
         return EXIT_BAD_ARGS
+    url = args.redis_url or sc.redis.url
+    if (redis_kind or sc.redis.kind) == "url" and url and (why := _reach(url)):
+        print(f"chaos run: {why}", file=sys.stderr)
+        return EXIT_HARNESS
     try:
         res = run(opts)
     except HarnessError as exc:
         print(f"chaos run: {exc}", file=sys.stderr)
         return EXIT_HARNESS
+    except RedisProviderError as exc:
+        print(f"chaos run: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_HARNESS
     except scn.ScenarioError as exc:
         print(f"chaos run: {exc}", file=sys.stderr)
         return EXIT_BAD_ARGS
+    except ValueError as exc:  # e.g. redis-py refusing a URL: one line, password masked
+        msg = " ".join(str(exc).split())
+        if url:
+            msg = msg.replace(url, redact_url(url))
+        print(f"chaos run: {msg}", file=sys.stderr)
+        return EXIT_HARNESS
     print(f"run directory: {res.run_dir}")
     print(f"status: {res.status}")
     for k, v in res.stats.items():
@@ -245,9 +310,13 @@ def _run(args: argparse.Namespace) -> int:
 def _check(run_dir: Path) -> int:
     from chaos.checkers import check_run
 
-    if not _is_run_dir(run_dir, "check"):
-        return EXIT_BAD_ARGS
-    verdict = check_run(run_dir)
+    if (code := _preflight(run_dir, "check")) is not None:
+        return code
+    try:
+        verdict = check_run(run_dir)
+    except _history_error() as exc:
+        print(f"chaos check: {exc}", file=sys.stderr)
+        return EXIT_HARNESS
     print(verdict.summary())
     print(f"written {run_dir / 'results.json'}")
     return verdict.exit_code
@@ -260,22 +329,31 @@ def _suite(args: argparse.Namespace) -> int:
     from chaos.runner import HarnessError
     from chaos.suite import HEADER, SuiteInterrupted, run_suite
 
-    if args.seeds < 1:
-        print("chaos suite: --seeds must be >= 1", file=sys.stderr)
+    if not 1 <= args.seeds <= 1000:
+        print("chaos suite: --seeds must be within 1..1000", file=sys.stderr)
         return EXIT_BAD_ARGS
     out = args.out or Path("reports") / "suites" / time.strftime("%Y%m%dT%H%M%S")
     try:
         for name in args.scenarios or []:
             scn.load(name)
+        if args.first_seed is not None and \
+                not 0 <= args.first_seed <= scn.MAX_SEED - args.seeds:
+            raise scn.ScenarioError(f"--first-seed: must be within 0..{scn.MAX_SEED}")
+        if args.governor_cmd is not None and not args.governor_cmd.strip():
+            raise scn.ScenarioError("--governor-cmd: must not be empty")
+        redis_kind = _redis_args(args)
     except scn.ScenarioError as exc:
         print(f"chaos suite: {exc}", file=sys.stderr)
         return EXIT_BAD_ARGS
+    if redis_kind == "url" and (why := _reach(args.redis_url)):
+        print(f"chaos suite: {why}", file=sys.stderr)
+        return EXIT_HARNESS
     print(HEADER)
     try:
         valid, _ = run_suite(out, governor=args.governor, governor_cmd=args.governor_cmd,
                              quick=args.quick, seeds=args.seeds, first_seed=args.first_seed,
                              names=args.scenarios,
-                             redis_kind=args.redis, redis_url=args.redis_url)
+                             redis_kind=redis_kind, redis_url=args.redis_url)
     except HarnessError as exc:
         print(f"chaos suite: {exc}", file=sys.stderr)
         return EXIT_HARNESS
@@ -325,20 +403,37 @@ def _report(run_dir: Path) -> int:
     from chaos.checkers import check_run
     from chaos.report import write_report
 
-    if not _is_run_dir(run_dir, "report"):
-        return EXIT_BAD_ARGS
-    verdict = check_run(run_dir)
+    if (code := _preflight(run_dir, "report")) is not None:
+        return code
+    try:
+        verdict = check_run(run_dir)
+    except _history_error() as exc:
+        print(f"chaos report: {exc}", file=sys.stderr)
+        return EXIT_HARNESS
     paths = write_report(run_dir, verdict)
     print(verdict.summary())
     print(f"written {paths.md}\nwritten {paths.html}")
     return verdict.exit_code
 
 
-def _is_run_dir(run_dir: Path, command: str) -> bool:
-    from chaos.history import history_files
+def _preflight(run_dir: Path, command: str) -> int | None:
+    """None if ``run_dir`` can be judged; else the exit code, after one line naming the
+    file: a verdict on a damaged run would blame the governor for the damage."""
+    from chaos.rundir import NotARun, RunDirError, validate
 
-    if run_dir.is_dir() and history_files(run_dir):
-        return True
-    print(f"chaos {command}: {run_dir} is not a run directory (no history/*.jsonl)",
-          file=sys.stderr)
-    return False
+    try:
+        validate(run_dir)
+    except NotARun as exc:
+        print(f"chaos {command}: {exc}", file=sys.stderr)
+        return EXIT_BAD_ARGS
+    except RunDirError as exc:
+        print(f"chaos {command}: {exc}", file=sys.stderr)
+        return EXIT_HARNESS
+    return None
+
+
+def _history_error() -> type[Exception]:
+    """The checkers' own "this line is not an operation", should one pass the pre-flight."""
+    from chaos.checkers.facts import HistoryError
+
+    return HistoryError

@@ -55,7 +55,12 @@ import redis
 from chaos.exchange import Exchange, plain_decimal
 from chaos.history import HISTORY_DIR, F, Op, OpType, history_files, write_history
 from chaos.recorder import _decode, _id_tuple
-from chaos.redis_servers import EmbeddedRedis, RedisProviderError, _glob_escape, _redact
+from chaos.redis_servers import (
+    EmbeddedRedis,
+    RedisProviderError,
+    _glob_escape,
+    redact_url,
+)
 from chaos.runner import _link_latest, default_run_dir
 from governor_ref.connection import connect
 from governor_ref.keys import Keys
@@ -117,8 +122,13 @@ def parse_bound(text: str) -> Bound:
     it names no zone); ValueError otherwise."""
     t = text.strip()
     if m := _ID_RE.fullmatch(t):
-        return Bound(int(m[1]), int(m[2]), t)
+        ms, seq = int(m[1]), int(m[2])
+        if ms > MAX_SEQ or seq > MAX_SEQ:  # Redis would answer "Invalid stream ID" mid-import
+            raise ValueError(f"{text!r}: both parts of a stream id must be below 2^64")
+        return Bound(ms, seq, t)
     if t.isdigit():
+        if int(t) > MAX_SEQ:
+            raise ValueError(f"{text!r}: epoch milliseconds must be below 2^64")
         return Bound(int(t), None, t)
     try:
         dt = datetime.fromisoformat(t)
@@ -164,6 +174,8 @@ class ImportOptions:
                 _id_tuple(self.since.as_min()) > _id_tuple(self.until.as_max()):
             raise ImportArgumentError(f"--since {self.since.text} is after --until "
                                       f"{self.until.text}")
+        if self.out is not None and self.out.exists() and not self.out.is_dir():
+            raise ImportArgumentError(f"--out {self.out} is not a directory")
         if self.out is not None and history_files(self.out):
             raise ImportArgumentError(f"--out {self.out} already holds a run "
                                       f"({HISTORY_DIR}/*.jsonl); give a new directory")
@@ -195,8 +207,8 @@ def import_run(opts: ImportOptions) -> ImportResult:
 
 
 def masked_url(url: str) -> str:
-    """The URL without its password, in the user part or in the query (``?password=``)."""
-    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", _redact(url))
+    """The URL without its password (the harness's one redaction, :func:`redact_url`)."""
+    return redact_url(url)
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ import dataclasses
 import importlib.util
 import logging
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -90,6 +91,11 @@ class ProviderUnavailable(RedisProviderError):
 
     Tests catch it and skip, so the message must say what is missing.
     """
+
+
+class PrefixInUse(RedisProviderError):
+    """A url provider's prefix already holds keys: they belong to someone else, and the
+    cleanup at stop would delete them, so the provider refuses to start."""
 
 
 class UnsupportedFault(RedisProviderError):
@@ -346,14 +352,63 @@ def _admin_client(host: str, port: int, timeout: float = 2.0, **kw: Any) -> redi
     )
 
 
-def _redact(url: str) -> str:
-    """The URL without its password, for logs and messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rpartition("@")
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
+def redact_url(url: str) -> str:
+    """The URL with every password masked, for run.json, logs and messages.
+
+    One function for the whole harness (runner, url provider, importer), because a
+    password reaches a URL in several ways and each writer missed one: the user part
+    (``redis://:pw@``, ``redis://user:pw@``, ``rediss://``, ``redis-sentinel://:pw@h:p,h:p``)
+    and query parameters (``?password=``, ``sentinel_password=``: any name containing
+    ``pass``). A URL with a fragment is masked whole: a ``#`` in an unquoted password
+    makes the rest of the password look like one.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if parts.fragment:
+        return f"{parts.scheme}://***"  # a '#' inside a password: where it ends is unknown
+    user, at, hosts = parts.netloc.rpartition("@")
+    if at and ":" in user:
+        user = user.split(":", 1)[0] + ":***"
+    query = re.sub(r"(?i)((?:^|&|;)[^=&;]*pass[^=&;]*=)[^&;]*", r"\1***", parts.query)
+    if (user, query) == (parts.netloc.rpartition("@")[0], parts.query):
+        return url  # nothing to mask: the URL as given (urlunsplit would normalise it)
+    return urlunsplit(parts._replace(netloc=f"{user}{at}{hosts}", query=query))
+
+
+_redact = redact_url  # the name older callers use
+
+URL_SCHEMES = ("redis", "rediss", "unix")
+
+
+def check_url(url: str) -> None:
+    """Raise ``ValueError`` (one line, password masked) unless ``url`` can name a Redis.
+
+    Checked before anything starts, so that a typo in ``--redis-url`` is a bad argument
+    (exit 254) and not a traceback from deep inside redis-py after a run directory exists.
+    Only the form is checked here; whether the server answers is :meth:`UrlRedis.start`'s.
+    """
+    shown = redact_url(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"{shown}: malformed URL ({exc})") from None
+    if parts.scheme not in URL_SCHEMES:
+        raise ValueError(f"{shown}: unsupported scheme {parts.scheme!r}; use "
+                         f"{', '.join(s + '://' for s in URL_SCHEMES)}")
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ValueError(f"{shown}: a unix:// URL needs a socket path")
+        return
+    if not parts.hostname:
+        raise ValueError(f"{shown}: no host")
+    if port == 0:
+        raise ValueError(f"{shown}: port must be within 1..65535")
+    db = parts.path.strip("/")
+    if db and not (db.isdigit() and int(db) < 2**31):
+        raise ValueError(f"{shown}: the path must be a database number, got {db!r}")
 
 
 def _glob_escape(text: str) -> str:
@@ -838,6 +893,7 @@ class UrlRedis(RedisProvider):
         super().__init__()
         if not url:
             raise ValueError("url provider needs a url, e.g. redis://staging:6379/0")
+        check_url(url)
         self._url = url
         self.prefix = prefix if prefix is not None else f"run:{uuid.uuid4().hex[:8]}"
         if not self.prefix.strip(":"):
@@ -860,17 +916,30 @@ class UrlRedis(RedisProvider):
         return self.prefix if self.prefix.endswith(":") else self.prefix + ":"
 
     def start(self) -> Self:
-        """Check that the server answers PING; raise :class:`ProviderUnavailable` if not."""
+        """Check that the server answers PING and that the namespace is empty.
+
+        Raise :class:`ProviderUnavailable` if the server does not answer, and
+        :class:`PrefixInUse` if any key already lies under :attr:`namespace`: :meth:`cleanup`
+        deletes every key there, so a prefix the run did not start with empty is someone
+        else's and must not be taken (the stop would delete another system's keys).
+        """
         if self._started:
             return self
         c = self.client(socket_timeout=5, socket_connect_timeout=5, retry=_no_retry())
         try:
             c.ping()
+            used = next(iter(c.scan_iter(match=_glob_escape(self.namespace) + "*",
+                                         count=1000)), None)
         except redis.RedisError as exc:
             where = _redact(self._url)
-            raise ProviderUnavailable(f"Redis at {where} does not answer: {exc}") from exc
+            msg = " ".join(str(exc).split())
+            raise ProviderUnavailable(f"Redis at {where} does not answer: {msg}") from exc
         finally:
             c.close()
+        if used is not None:
+            raise PrefixInUse(f"prefix {self.prefix!r} already holds keys on {_redact(self._url)}"
+                              f" (e.g. {used!r}); a run deletes every key under its prefix at "
+                              f"stop, so it needs one nothing else uses")
         self._started = True
         log.info("url provider: %s, key namespace %r", _redact(self._url), self.namespace)
         return self

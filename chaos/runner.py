@@ -34,10 +34,11 @@ import redis
 from chaos import scenario as scn
 from chaos.apply_layer import ApplyConfig, ApplyLayer
 from chaos.exchange import Exchange, Order
-from chaos.history import F, HistoryWriter, Op, OpType, write_history
+from chaos.history import F, HistoryWriter, Op, OpType, history_files, write_history
 from chaos.probe import PROBE_SYMBOLS, ProbeOutcome, run_probe
 from chaos.recorder import StreamRecorder, apply_hook, supervisor_hook
 from chaos.redis_servers import EmbeddedConfig, RedisProvider, provide
+from chaos.redis_servers import redact_url as _redact
 from chaos.supervisor import GovernorSpec, GovernorStartError, Supervisor
 from governor_ref.governor import group_drained
 from governor_ref.keys import GROUP_GOVERNOR, Keys
@@ -183,7 +184,7 @@ class Run:
             duration_s=self.sc.duration_s, governors=self.sc.governors,
             governor=self.opts.governor_label, status="running",
             started_wall_ms=int(time.time() * 1000), python=sys.version.split()[0],
-            platform=platform.platform(), scenario_spec=asdict(self.sc),
+            platform=platform.platform(), scenario_spec=_redacted_spec(self.sc),
         )
 
     def start_redis(self) -> None:
@@ -547,15 +548,32 @@ def _host_port(provider: RedisProvider) -> tuple[str, int]:
     return u.hostname or "127.0.0.1", u.port or 6379
 
 
-def _redact(url: str) -> str:
-    from urllib.parse import urlsplit
+def check_out(out: Path | None) -> None:
+    """Refuse an ``--out`` that is a file or already holds a run (ScenarioError, exit 254).
 
-    u = urlsplit(url)
-    if u.password:
-        return url.replace(u.password, "***")
-    return url
+    A second run into the same directory would add its history files next to the first
+    run's and reuse its ledger, and the checkers would judge the mix of both; ``chaos
+    import`` refuses the same way.
+    """
+    if out is None:
+        return
+    if out.exists() and not out.is_dir():
+        raise scn.ScenarioError(f"--out {out} is not a directory")
+    used = [n for n in ("run.json", "ledger.sqlite") if (out / n).exists()]
+    if history_files(out) or used:
+        raise scn.ScenarioError(f"--out {out} already holds a run "
+                                f"({', '.join(used) or 'history/*.jsonl'}); give a new directory")
+
+
+def _redacted_spec(sc: scn.Scenario) -> dict[str, Any]:
+    """The scenario for run.json, with a password in ``redis.url`` masked."""
+    spec = asdict(sc)
+    if spec.get("redis", {}).get("url"):
+        spec["redis"]["url"] = _redact(spec["redis"]["url"])
+    return spec
 
 
 def run(opts: RunOptions) -> RunResult:
+    check_out(opts.out)
     return Run(opts).execute()
 

@@ -8,6 +8,8 @@ else. Built-in scenarios live in ``chaos/scenarios/*.toml``.
 
 from __future__ import annotations
 
+import math
+import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from importlib import resources
@@ -45,6 +47,118 @@ FAULT_KINDS = {
 
 REDIS_KINDS = ("embedded", "docker", "url")
 TOPOLOGIES = ("single", "sentinel")
+
+# -- limits ------------------------------------------------------------------------------
+# Every number of a scenario is checked against a range here, at load time, so that a bad
+# value is exit 254 naming its field before any Redis or governor starts -- never a run
+# that spins (100 million seeded positions), never ends (an infinite duration), writes NaN
+# into run.json, or silently tests something else (a fault lasting 0 ms). The upper bounds
+# are far above anything a useful run needs on one host; they exist to refuse typos.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a directory name, never a path
+MAX_DURATION_S = 86_400.0  # one day of workload
+MAX_GOVERNORS = 64  # governor processes on one host
+MAX_PROCESSES = 64  # producer processes per [[workload]]
+MAX_RATE = 100_000.0  # plans/s per producer process
+MAX_SYMBOLS = 1000
+MAX_SEED = 2**63 - 1
+MAX_CAPITAL = 1e12
+MAX_LATENCY_MS = 600_000.0  # apply-layer order latency, jitter, late duplicates: 10 min
+MAX_FAULT_TIME_S = MAX_DURATION_S  # at, duration, every
+MAX_DESCRIPTION = 2000
+MAXMEMORY_RE = re.compile(r"(?i)\d{1,15}(b|k|kb|m|mb|g|gb)?")
+TARGET_RE = re.compile(r"gov-([1-9]\d{0,4})")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a fault kind: its type and (inclusive) range, or its choices.
+
+    ``choices`` may be a callable so that the fault's own module stays the source of
+    the allowed values (the proxy's partition modes, Redis's maxmemory policies).
+    """
+
+    type: str  # "number", "int", "bool" or "choice"
+    lo: float | None = None
+    hi: float | None = None
+    choices: Any = ()
+
+    def check(self, v: Any, where: str) -> Any:
+        if self.type == "bool":
+            return _coerce(v, "bool", where)
+        if self.type == "choice":
+            allowed = tuple(self.choices() if callable(self.choices) else self.choices)
+            if v not in allowed:
+                raise ScenarioError(f"{where}: must be one of {', '.join(map(str, allowed))}, "
+                                    f"got {v!r}")
+            return v
+        x = _coerce(v, "int" if self.type == "int" else "float", where)
+        return _within(x, where, self.lo, self.hi)
+
+
+def _partition_modes() -> tuple[str, ...]:
+    from chaos.proxy import PARTITION_MODES
+
+    return tuple(PARTITION_MODES)
+
+
+def _maxmemory_policies() -> tuple[str, ...]:
+    from chaos.redis_servers import MAXMEMORY_POLICIES
+
+    return tuple(sorted(MAXMEMORY_POLICIES))
+
+
+_MS = Param("number", 0, MAX_LATENCY_MS)
+_PROB = Param("number", 0, 1)
+
+# The parameters each fault kind reads (chaos/nemesis.py reads them with these names; its
+# docstring says what each does and its default). Anything else under a [[fault]] is a typo.
+FAULT_PARAMS: dict[str, dict[str, Param]] = {
+    "kill_governor": {"restart_wait_s": Param("number", 0, 600)},
+    "pause_governor": {},
+    "restart_governor": {},
+    "kill_redis": {},
+    "pause_redis": {},
+    "failover": {"timeout_s": Param("number", 1, 600)},
+    "latency": {"latency_ms": _MS, "jitter_ms": _MS},
+    "drop": {"prob": _PROB},
+    "partition": {"mode": Param("choice", choices=_partition_modes)},
+    "memory_pressure": {"policy": Param("choice", choices=_maxmemory_policies),
+                        "headroom_kb": Param("number", 1, 1_048_576),
+                        "fill": Param("bool"),
+                        "chunk_kb": Param("number", 1, 65_536),
+                        "max_ballast_kb": Param("number", 1, 4_194_304)},
+    "redelivery": {"interval_s": Param("number", 0.01, 3600), "readd": Param("int", 0, 100_000),
+                   "dup_prob": _PROB, "late_ms": _MS},
+    "slow_exchange": {"latency_ms": _MS, "jitter_ms": _MS},
+    "clock_skew": {"offset_s": Param("number", -MAX_DURATION_S * 365, MAX_DURATION_S * 365)},
+}
+# Faults that act on governors: only they use ``target``.
+GOVERNOR_FAULTS = frozenset({"kill_governor", "pause_governor", "restart_governor",
+                             "clock_skew"})
+assert set(FAULT_PARAMS) == set(FAULT_KINDS), "fault kinds and their parameters disagree"
+
+# Ranges of the fixed fields of each section ("where" as an error names it).
+FIELD_RANGES: dict[str, tuple[float, float]] = {
+    "duration_s": (1e-3, MAX_DURATION_S),
+    "seed": (0, MAX_SEED),
+    "governors": (1, MAX_GOVERNORS),
+    "market.symbols": (1, MAX_SYMBOLS),
+    "market.capital": (1e-6, MAX_CAPITAL),
+    "market.allocation_pct": (1e-9, 1.0),
+    "market.initial_positions": (0, MAX_SYMBOLS),
+    "apply.open_latency_ms": (0, MAX_LATENCY_MS),
+    "apply.open_jitter_ms": (0, MAX_LATENCY_MS),
+    "apply.close_latency_ms": (0, MAX_LATENCY_MS),
+    "apply.close_jitter_ms": (0, MAX_LATENCY_MS),
+    "apply.duplicate_result_prob": (0, 1),
+    "apply.late_duplicate_ms": (0, MAX_LATENCY_MS),
+    "workload.processes": (1, MAX_PROCESSES),
+    "workload.rate": (0, MAX_RATE),
+    "workload.symbols": (1, MAX_SYMBOLS),
+    "fault.at": (0, MAX_FAULT_TIME_S),
+    "fault.duration": (0, MAX_FAULT_TIME_S),
+    "fault.every": (0, MAX_FAULT_TIME_S),
+}
 
 
 class ScenarioError(ValueError):
@@ -124,17 +238,21 @@ class Scenario:
 
     def with_overrides(self, *, seed: int | None = None, duration_s: float | None = None,
                        governors: int | None = None) -> Scenario:
+        """The scenario with command-line overrides, checked like the file's own values
+        (and the fault targets re-checked against an overridden governor count)."""
         s = self
         if seed is not None:
+            _within(seed, "--seed", *FIELD_RANGES["seed"])
             s = replace(s, seed=seed)
         if duration_s is not None:
-            if duration_s <= 0:
-                raise ScenarioError("--duration must be > 0")
+            _within(duration_s, "--duration", *FIELD_RANGES["duration_s"])
             s = replace(s, duration_s=duration_s)
         if governors is not None:
-            if governors < 1:
-                raise ScenarioError("--governors must be >= 1")
+            _within(governors, "--governors", *FIELD_RANGES["governors"])
             s = replace(s, governors=governors)
+            for i, f in enumerate(s.faults):
+                _check_target(f.target, s.governors, f"fault[{i}].target",
+                              " (with --governors)")
         return s
 
 
@@ -153,12 +271,23 @@ def load(name_or_path: str | Path) -> Scenario:
     if p.suffix == ".toml" or p.exists():
         if not p.is_file():
             raise ScenarioError(f"scenario file not found: {p}")
-        return parse(p.read_text(encoding="utf-8"), source=str(p))
+        return parse(_read(p), source=str(p))
     path = builtin_dir() / f"{name_or_path}.toml"
     if not path.is_file():
         raise ScenarioError(f"unknown scenario {str(name_or_path)!r}; known: "
                             f"{', '.join(builtin_names())}")
     return parse(path.read_text(encoding="utf-8"), source=str(path))
+
+
+def _read(p: Path) -> str:
+    """The file's text; an unreadable or non-UTF-8 file is a ScenarioError naming it."""
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ScenarioError(f"{p}: not UTF-8 text (byte {exc.start}); a scenario is a TOML "
+                            f"file") from None
+    except OSError as exc:
+        raise ScenarioError(f"{p}: cannot read: {exc.strerror or exc}") from None
 
 
 def parse(text: str, source: str | None = None) -> Scenario:
@@ -203,12 +332,64 @@ def _coerce(v: Any, typ: Any, where: str) -> Any:
     if t.startswith("float"):
         if isinstance(v, bool) or not isinstance(v, int | float):
             raise ScenarioError(f"{where}: must be a number, got {v!r}")
+        if not math.isfinite(v):
+            raise ScenarioError(f"{where}: must be a finite number, got {v!r}")
         return float(v)
     if t.startswith("str"):
         if not isinstance(v, str):
             raise ScenarioError(f"{where}: must be a string, got {v!r}")
         return v
     return v
+
+
+def _within(v: Any, where: str, lo: float | None, hi: float | None) -> Any:
+    """``v`` if it is a finite number within [lo, hi]; a ScenarioError naming ``where``."""
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise ScenarioError(f"{where}: must be a finite number, got {v!r}")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        lo_s = "" if lo is None else _fmt(lo)
+        hi_s = "" if hi is None else _fmt(hi)
+        raise ScenarioError(f"{where}: must be within {lo_s}..{hi_s}, got {v!r}")
+    return v
+
+
+def _fmt(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
+def _check_ranges(obj: Any, section: str) -> None:
+    """Every field of a section dataclass that has a range in FIELD_RANGES."""
+    for f in fields(obj):
+        rng = FIELD_RANGES.get(f"{section}.{f.name}")
+        if rng is not None:
+            _within(getattr(obj, f.name), f"{section}.{f.name}", *rng)
+
+
+def _check_target(target: str, governors: int, where: str, why: str = "") -> None:
+    """``random``, ``all`` or ``gov-1`` .. ``gov-N``: a name no governor has never fires."""
+    if target in ("random", "all"):
+        return
+    m = TARGET_RE.fullmatch(target)
+    if m is None or int(m[1]) > governors:
+        raise ScenarioError(f"{where}: must be 'random', 'all' or gov-1..gov-{governors}{why}, "
+                            f"got {target!r}")
+
+
+def _check_workload_params(spec: WorkloadSpec, where: str, sc_symbols: int, seed: int,
+                           duration_s: float, config: dict[str, str]) -> None:
+    """Build the workload's generator once, as the run will: the generator's PARAMS and
+    ranges (chaos/workloads.py) are the one place a kind's parameters are declared."""
+    from chaos.workloads import WorkloadContext, WorkloadError, make_generator
+
+    ctx = WorkloadContext(redis_url="redis://validate", prefix="validate", run_dir="",
+                          seed=seed, duration_s=duration_s,
+                          symbols=[f"S{i:03d}USDT" for i in range(sc_symbols)], config=config,
+                          ledger_path=None)
+    try:
+        make_generator(spec, 0, ctx)
+    except WorkloadError as exc:
+        msg = str(exc).removeprefix(f"workload {spec.kind}: ")
+        raise ScenarioError(f"{where}: {msg}") from None
 
 
 def from_dict(raw: dict[str, Any], source: str | None = None) -> Scenario:
@@ -218,24 +399,27 @@ def from_dict(raw: dict[str, Any], source: str | None = None) -> Scenario:
     for k in raw:
         if k not in allowed:
             raise ScenarioError(f"{k}: unknown field; known: {', '.join(sorted(allowed))}")
-    if not isinstance(raw.get("name"), str) or not raw["name"]:
+    name = raw.get("name")
+    if not isinstance(name, str) or not name:
         raise ScenarioError("name: required, a non-empty string")
-    kwargs: dict[str, Any] = {"name": raw["name"], "source": source}
+    if not NAME_RE.fullmatch(name):
+        # The name is a directory under reports/runs: "../../x" would write outside it.
+        raise ScenarioError(f"name: letters, digits, '.', '_' and '-' only, starting with a "
+                            f"letter or digit, at most 64 characters; got {name!r}")
+    kwargs: dict[str, Any] = {"name": name, "source": source}
     for k in ("description",):
         if k in raw:
             kwargs[k] = _coerce(raw[k], "str", k)
+            if len(kwargs[k]) > MAX_DESCRIPTION:
+                raise ScenarioError(f"{k}: at most {MAX_DESCRIPTION} characters")
     if "exposure" in raw:
         kwargs["exposure"] = _coerce(raw["exposure"], "bool", "exposure")
     for k in ("duration_s",):
         if k in raw:
-            kwargs[k] = _coerce(raw[k], "float", k)
-            if kwargs[k] <= 0:
-                raise ScenarioError(f"{k}: must be > 0")
+            kwargs[k] = _within(_coerce(raw[k], "float", k), k, *FIELD_RANGES[k])
     for k in ("seed", "governors"):
         if k in raw:
-            kwargs[k] = _coerce(raw[k], "int", k)
-    if kwargs.get("governors", 1) < 1:
-        raise ScenarioError("governors: must be >= 1")
+            kwargs[k] = _within(_coerce(raw[k], "int", k), k, *FIELD_RANGES[k])
     kwargs["redis"] = _section(RedisSpec, raw.get("redis"), "redis")
     kwargs["market"] = _section(MarketSpec, raw.get("market"), "market")
     kwargs["apply"] = _section(ApplySpec, raw.get("apply"), "apply")
@@ -246,11 +430,23 @@ def from_dict(raw: dict[str, Any], source: str | None = None) -> Scenario:
         raise ScenarioError(f"redis.topology: must be one of {', '.join(TOPOLOGIES)}")
     if r.appendfsync not in ("always", "everysec", "no"):
         raise ScenarioError("redis.appendfsync: must be always, everysec or no")
+    if r.maxmemory is not None and not MAXMEMORY_RE.fullmatch(r.maxmemory):
+        raise ScenarioError(f"redis.maxmemory: a size like 64mb, got {r.maxmemory!r}")
+    if r.maxmemory_policy not in _maxmemory_policies():
+        raise ScenarioError(f"redis.maxmemory_policy: must be one of "
+                            f"{', '.join(_maxmemory_policies())}")
+    if r.url is not None:
+        from chaos.redis_servers import check_url
+
+        try:
+            check_url(r.url)
+        except ValueError as exc:
+            raise ScenarioError(f"redis.url: {exc}") from None
     m: MarketSpec = kwargs["market"]
     if m.regime not in ("BASE", "TREND_STRONG", "CHOP"):
         raise ScenarioError("market.regime: must be BASE, TREND_STRONG or CHOP")
-    if not 1 <= m.symbols <= 1000:
-        raise ScenarioError("market.symbols: must be within 1..1000")
+    _check_ranges(m, "market")
+    _check_ranges(kwargs["apply"], "apply")
     cfg = raw.get("config") or {}
     if not isinstance(cfg, dict):
         raise ScenarioError("config: must be a table")
@@ -265,6 +461,17 @@ def from_dict(raw: dict[str, Any], source: str | None = None) -> Scenario:
     except ValueError as exc:
         raise ScenarioError(str(exc).replace("config field ", "config.")) from None
     kwargs["config"] = config
+    gcfg = GovernorConfig.from_hash(GovernorConfig().to_hash() | config)
+    slots = gcfg.slots_for(m.regime)
+    if m.initial_positions > min(slots, m.symbols):
+        # The harness seeds these positions before any governor runs: more than the
+        # initial regime's slots (slots_for already caps them at max_positions) would be
+        # slot violations of the harness's own making, blamed on the governor.
+        raise ScenarioError(f"market.initial_positions: at most the initial regime's slots "
+                            f"({m.regime}: {slots}, max_positions {gcfg.max_positions}) and "
+                            f"market.symbols ({m.symbols}), got {m.initial_positions}")
+    duration_s = kwargs.get("duration_s", Scenario.duration_s)
+    governors = kwargs.get("governors", Scenario.governors)
     wl = raw.get("workload") or []
     if not isinstance(wl, list):
         raise ScenarioError("workload: must be an array of tables ([[workload]])")
@@ -274,8 +481,9 @@ def from_dict(raw: dict[str, Any], source: str | None = None) -> Scenario:
         if spec.kind not in WORKLOAD_KINDS:
             raise ScenarioError(f"workload[{i}].kind: unknown workload {spec.kind!r}; known: "
                                 f"{', '.join(sorted(WORKLOAD_KINDS))}")
-        if spec.processes < 1 or spec.rate < 0 or spec.symbols < 1:
-            raise ScenarioError(f"workload[{i}]: processes >= 1, rate >= 0, symbols >= 1")
+        _check_ranges(spec, "workload")
+        _check_workload_params(spec, f"workload[{i}]", m.symbols, kwargs.get("seed", 1),
+                               duration_s, config)
         workloads.append(spec)
     fl = raw.get("fault") or []
     if not isinstance(fl, list):
@@ -286,8 +494,30 @@ def from_dict(raw: dict[str, Any], source: str | None = None) -> Scenario:
         if spec.kind not in FAULT_KINDS:
             raise ScenarioError(f"fault[{i}].kind: unknown fault {spec.kind!r}; known: "
                                 f"{', '.join(sorted(FAULT_KINDS))}")
-        if spec.at < 0 or spec.duration < 0 or spec.every < 0:
-            raise ScenarioError(f"fault[{i}]: at, duration and every must be >= 0")
+        where = f"fault[{i}]"
+        for name in ("at", "duration", "every"):
+            _within(getattr(spec, name), f"{where}.{name}", *FIELD_RANGES[f"fault.{name}"])
+        if spec.at >= duration_s:
+            raise ScenarioError(f"{where}.at: must be before the end of the workload "
+                                f"(duration_s = {duration_s:g}), got {spec.at:g}: it would "
+                                f"never fire")
+        if 0 < spec.every < spec.duration:
+            raise ScenarioError(f"{where}.every: must be 0 (once) or >= duration "
+                                f"({spec.duration:g}), got {spec.every:g}")
+        _check_target(spec.target, governors, f"{where}.target")
+        if spec.target != "random" and spec.kind not in GOVERNOR_FAULTS:
+            raise ScenarioError(f"{where}.target: {spec.kind} does not act on a governor; "
+                                f"target applies to {', '.join(sorted(GOVERNOR_FAULTS))}")
+        known = FAULT_PARAMS[spec.kind]
+        params = {}
+        for k, v in spec.params.items():
+            if k not in known:
+                fixed = "at, duration, every, kind, target"
+                extra = f", {', '.join(sorted(known))}" if known else ""
+                raise ScenarioError(f"{where}.{k}: unknown parameter of {spec.kind}; known: "
+                                    f"{fixed}{extra}")
+            params[k] = known[k].check(v, f"{where}.{k}")
+        spec = replace(spec, params=params)
         if spec.kind == "failover" and r.topology != "sentinel":
             raise ScenarioError(f"fault[{i}].kind: failover needs redis.topology = 'sentinel'")
         if spec.kind in ("latency", "drop", "partition") and not r.proxy:

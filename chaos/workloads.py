@@ -84,6 +84,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import multiprocessing as mp
 import os
 import random
@@ -239,9 +240,29 @@ class Stream:
     once: bool = False  # a single tick at first_s
 
 
+# Inclusive ranges of the generators' params (their names and defaults are each class's
+# PARAMS); relations between params (notional_min <= notional_max...) are each _check's.
+# Upper bounds are far above any useful run: they refuse typos before anything starts.
+PARAM_RANGES: dict[str, tuple[float, float]] = {
+    "notional_min": (0.01, 1e9), "notional_max": (0.01, 1e9),
+    "hot": (1, 1000), "burst": (1, 1000),
+    "period_ms": (0.1, 3_600_000), "spread_ms": (0, 60_000),
+    "pnl_period_ms": (1, 3_600_000), "pnl_min": (-1e6, 1e6), "pnl_max": (-1e6, 1e6),
+    "stale_fraction": (0, 1), "extra_ms": (1, 86_400_000),
+    "drift_max": (0, 1_000_000), "exposure_drift": (0, 1000),
+    "period_s": (0.001, 3600), "bad_fraction": (0, 1),
+}
+
+
 def _number(kind: str, name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise WorkloadError(f"workload {kind}: param {name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise WorkloadError(f"workload {kind}: param {name} must be finite, got {value!r}")
+    lo, hi = PARAM_RANGES.get(name, (-math.inf, math.inf))
+    if not lo <= value <= hi:
+        raise WorkloadError(f"workload {kind}: param {name} must be in [{lo:g}, {hi:g}], "
+                            f"got {value!r}")
     return float(value)
 
 
