@@ -440,6 +440,8 @@ def _plot_positions(ctx: _Ctx) -> Any:
             orders = [e for e in v.events if e.get("what") == "order"
                       and e.get("open_count_after") is not None]
             if inv == "single_close":
+                if v.observed != "CLOSE on a flat symbol":
+                    continue
                 orders = [e for e in orders if e.get("effect") == "flip"
                           and e.get("plan_id") == v.plan_ids[-1]]
             o = orders[-1] if orders else None
