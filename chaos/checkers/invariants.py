@@ -10,6 +10,7 @@ reported only when every reading of them violates.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -18,6 +19,7 @@ from operator import attrgetter, itemgetter
 from typing import Any
 
 from chaos.checkers.facts import Decision, Facts, LedgerOrder, Submit
+from chaos.history import history_files
 
 _WALL_MS = attrgetter("wall_ms")
 _START = itemgetter(0)
@@ -536,10 +538,6 @@ def _results_sent(facts: Facts, symbols: set[str], until_ms: int) -> dict[str, d
     Executed results are not kept in the facts (the ledger says what executed), so this
     reads the history again: only when a liveness violation needs it.
     """
-    import json
-
-    from chaos.history import history_files
-
     last: dict[str, dict[str, Any]] = {}
     for path in history_files(facts.run_dir):
         with open(path, "rb") as fh:
