@@ -499,8 +499,11 @@ class FaultProxy:
         on_fault: FaultCallback | None = None,
         seed: int | None = None,
         start_timeout: float = _START_TIMEOUT,
+        log_path: str | Path | None = None,
     ) -> None:
         self.upstream_host = validate_upstream(upstream_host)
+        # The child's log lines: appended to this file (a run's harness.log), else stderr.
+        self.log_path = log_path
         self.upstream_port = _check_port(upstream_port, "upstream_port", allow_zero=False)
         self.listen_port = _check_port(listen_port, "listen_port", allow_zero=True)
         self.on_fault = on_fault
@@ -564,10 +567,16 @@ class FaultProxy:
             if self.seed is not None:
                 cmd += ["--seed", str(self.seed)]
             self._buf = b""
-            self._proc = subprocess.Popen(
-                cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True,
-                start_new_session=True,  # out of the terminal's process group (Ctrl-C)
-            )
+            err = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115
+            try:
+                self._proc = subprocess.Popen(
+                    cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True,
+                    stderr=err,
+                    start_new_session=True,  # out of the terminal's process group (Ctrl-C)
+                )
+            finally:
+                if err is not None:
+                    err.close()  # the child has its own descriptor
             reaper.watch(self._proc.pid, group=True)
             try:
                 result = self._read_reply(self.start_timeout)

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 __all__ = ["ReportPaths", "write_junit", "write_report"]
 
 MAX_VIOLATIONS_SHOWN = 20  # per invariant, in the report; results.json has them all
-MAX_EVENTS_SHOWN = 10  # per violation
+MAX_EVENTS_SHOWN = 30  # per violation (a slot violation lists every position open then)
 MAX_GANTT_ROWS = 25
 MAX_SYMBOL_PANELS = 6
 MAX_POINTS = 3000  # per drawn series, after aggregation
@@ -57,11 +57,13 @@ _GOV_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2",
 _REGIME_COLORS = {"BASE": "#cfd8e3", "TREND_STRONG": "#b7e4c7", "CHOP": "#ffd6a5"}
 _SHORT_REGIME = {"BASE": "BASE", "TREND_STRONG": "TREND", "CHOP": "CHOP"}
 _TIME_KEYS = ("entry_ms", "wall_ms", "issued_at_ms")
-_EVENT_HEADERS = {"entry_ms": "decided (s)", "issued_at_ms": "permit issued (s)",
-                  "wall_ms": "at (s)", "open_count_after": "open after"}
+_EVENT_HEADERS = {"entry_ms": "decided / sent (s)", "issued_at_ms": "permit issued (s)",
+                  "wall_ms": "at (s)", "open_count_after": "open after",
+                  "open_positions": "open positions", "outstanding_permits": "outstanding permits"}
 _EVENT_COLUMNS = ("what", "seq", "plan_id", "symbol", "action", "decision", "reason", "effect",
-                  "governor", "position_id", "open_count_after", "notional", "fence",
-                  "entry_ms", "issued_at_ms", "wall_ms")
+                  "governor", "position_id", "open_count_after", "notional", "fence", "regime",
+                  "slots", "open_positions", "outstanding_permits", "entry_ms", "issued_at_ms",
+                  "wall_ms")
 
 
 @dataclass(frozen=True)
@@ -433,9 +435,17 @@ def _plot_positions(ctx: _Ctx) -> Any:
     for inv, (marker, color, label) in markers.items():
         pts = []
         for v in ctx.violations_by_inv.get(inv, ()):
-            o = next((e for e in v.events if e.get("what") == "order"
-                      and e.get("open_count_after") is not None), None)
-            if o is None or (inv == "single_close" and o.get("effect") != "flip"):
+            # The violating order is the last order among a violation's events (the others
+            # are the orders that explain it: the close that made the symbol flat...).
+            orders = [e for e in v.events if e.get("what") == "order"
+                      and e.get("open_count_after") is not None]
+            if inv == "single_close":
+                if v.observed != "CLOSE on a flat symbol":
+                    continue
+                orders = [e for e in orders if e.get("effect") == "flip"
+                          and e.get("plan_id") == v.plan_ids[-1]]
+            o = orders[-1] if orders else None
+            if o is None:
                 continue
             pts.append((ctx.s(int(o.get("wall_ms") or v.wall_ms)), int(o["open_count_after"])))
         if pts:
@@ -987,8 +997,9 @@ def _header_rows(ctx: _Ctx) -> list[tuple[str, str]]:
                                              redis.get("topology") or "") if x)),
         ("run status", str(m.get("status", "?"))),
         ("verdict", _VERDICT_WORD[v.valid]),
-        ("started", _iso(m.get("started_wall_ms") or f.first_ms)),
-        ("time 0", f"{ctx.t0_source} ({_iso(ctx.t0)})"),
+        ("time 0", f"{ctx.t0_source}, {_iso(ctx.t0)}: every time in this report is "
+                   f"seconds since then"),
+        ("harness started", _rel(m.get("started_wall_ms") or f.first_ms, ctx.t0)),
         ("history", f"{f.ops} operations, {len(f.orders)} ledger orders, "
                     f"{sum(len(x) for x in f.decisions.values())} decisions, "
                     f"{len(f.plans)} plans"),
@@ -1014,7 +1025,7 @@ def _import_header_rows(ctx: _Ctx) -> list[tuple[str, str]]:
     """The header of an imported history: where it came from, its window, its caveats."""
     m, f = ctx.meta, ctx.facts
     w = m.get("window") or {}
-    span = (f"{_iso(w.get('first_entry_ms'))} to {_iso(w.get('last_entry_ms'))}"
+    span = (f"{_rel(w.get('first_entry_ms'), ctx.t0)} to {_rel(w.get('last_entry_ms'), ctx.t0)}"
             if w.get("first_entry_ms") else "?")
     ledger = m.get("ledger") or {}
     rows = [
@@ -1027,7 +1038,8 @@ def _import_header_rows(ctx: _Ctx) -> list[tuple[str, str]]:
                     f"orders derived from {ledger.get('derived_from', 'apply.result')}"),
         ("regime", str((m.get("regime") or {}).get("value") or "BASE") + " (as read at import "
                    "time; its history is unknown)"),
-        ("time 0", f"{ctx.t0_source} ({_iso(ctx.t0)})"),
+        ("time 0", f"{ctx.t0_source}, {_iso(ctx.t0)}: every time in this report is "
+                   f"seconds since then"),
     ]
     diff = m.get("mirror_vs_replay") or {}
     if any(diff.values()):
@@ -1123,19 +1135,29 @@ def _event_table(v: Violation, t0: int) -> tuple[list[str], list[list[str]]]:
     return header, [[r[i] for i in filled] for r in rows]
 
 
-_EPOCH_MS = re.compile(r"\b1\d{12}\b")
+_EPOCH_MS = re.compile(r"1\d{12}")
+# A word as plan ids, position ids and stream ids are spelled (docs/protocol.md): a time is
+# rewritten only when it is such a word on its own, never a part of one
+# (``probe-open-1796228189697-0`` stays as it is).
+_ID_WORD = re.compile(r"[A-Za-z0-9_.:-]+")
 
 
 def _humanize(text: str, t0: int) -> str:
-    """Epoch milliseconds in a checker's message, as seconds since time 0."""
+    """Epoch milliseconds standing alone in a checker's message, as seconds since time 0."""
     if not t0:
         return text
 
     def sub(m: re.Match[str]) -> str:
-        ms = int(m.group(0))
-        return f"t={(ms - t0) / 1000:+.3f} s" if abs(ms - t0) < 7 * 86_400_000 else m.group(0)
+        word = m.group(0)
+        core = word.rstrip(".:")  # the end of a sentence or a clause
+        if not _EPOCH_MS.fullmatch(core):
+            return word
+        ms = int(core)
+        if abs(ms - t0) >= 7 * 86_400_000:
+            return word
+        return f"t={(ms - t0) / 1000:+.3f} s{word[len(core):]}"
 
-    return _EPOCH_MS.sub(sub, text)
+    return _ID_WORD.sub(sub, text)
 
 
 def _violation_fields(v: Violation, t0: int) -> list[tuple[str, str]]:

@@ -51,6 +51,37 @@ INTERRUPT_SETTLE_S = 2.0  # after Ctrl-C, what the governors get to decide what 
 VARIANTS = ("reference", "seed", "legacy")
 
 
+# Loggers whose warnings are, while a fault is on, the fault doing its job (the apply layer
+# retrying through an OOM, a restart or a partition; the recorder rereading after Redis lost
+# data; the fault proxy): they go to logs/harness.log only, and reach the terminal when no
+# fault is on or was on within the grace (a retry that outlasts its fault is a real problem).
+# ERROR and above always reach the terminal.
+FAULT_EFFECT_LOGGERS = ("chaos.apply_layer", "chaos.recorder", "chaos.proxy")
+FAULT_EFFECT_GRACE_S = 5.0
+
+
+class FaultEffectsToRunLog(logging.Filter):
+    """A terminal handler's filter that keeps the expected effects of faults off it.
+
+    ``fault_recent()`` says whether a fault is on now or stopped within the grace.
+    """
+
+    def __init__(self, fault_recent: Callable[[], bool]) -> None:
+        super().__init__()
+        self.fault_recent = fault_recent
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR or not record.name.startswith(FAULT_EFFECT_LOGGERS):
+            return True
+        return not self.fault_recent()
+
+
+def _terminal_handlers() -> list[logging.Handler]:
+    """The root's handlers that write to a terminal-like stream (not a run's log file)."""
+    return [h for h in logging.getLogger().handlers
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+
+
 class HarnessError(RuntimeError):
     """The harness itself could not do its job (exit 255), e.g. a governor that never starts."""
 
@@ -130,6 +161,7 @@ class Run:
         self._workload_op: Op | None = None  # the workload phase's start
         self._healed = False  # the heal phase completed (an interruption after it is judged
         # by the usual rules)
+        self._quiet: FaultEffectsToRunLog | None = None
 
     # -- helpers --------------------------------------------------------------------
     def writer(self, process: str) -> HistoryWriter:
@@ -172,9 +204,14 @@ class Run:
         logging.getLogger().addHandler(self._log_handler)
         if logging.getLogger().level > logging.INFO:
             logging.getLogger().setLevel(logging.INFO)
-            for h in logging.getLogger().handlers:
-                if h is not self._log_handler and isinstance(h, logging.StreamHandler):
-                    h.setLevel(logging.WARNING)
+            for h in _terminal_handlers():
+                h.setLevel(logging.WARNING)
+        # The terminal shows the verdict, progress and real problems: the expected effects of
+        # injected faults go to harness.log only (unless the user asked for INFO there).
+        self._quiet = FaultEffectsToRunLog(self._fault_recent)
+        for h in _terminal_handlers():
+            if h.level > logging.INFO:
+                h.addFilter(self._quiet)
         if self.sc.source and Path(self.sc.source).is_file():
             (d / "scenario.toml").write_text(Path(self.sc.source).read_text())
         if self.opts.out is None:
@@ -186,6 +223,16 @@ class Run:
             started_wall_ms=int(time.time() * 1000), python=sys.version.split()[0],
             platform=platform.platform(), scenario_spec=_redacted_spec(self.sc),
         )
+
+    def _fault_recent(self) -> bool:
+        """A fault is on (or starting, or stopping) now, or one stopped within the grace."""
+        nem = self.nemesis
+        if nem is None:
+            return False
+        if nem.active():
+            return True
+        since = time.monotonic_ns() - int(FAULT_EFFECT_GRACE_S * 1e9)
+        return any(w.stop_ns is not None and w.stop_ns >= since for w in nem.windows())
 
     def start_redis(self) -> None:
         r = self.sc.redis
@@ -209,7 +256,8 @@ class Run:
             from chaos.proxy import FaultProxy
 
             host, port = _host_port(self.provider)
-            self.proxy = FaultProxy(host, port).start()
+            self.proxy = FaultProxy(host, port,
+                                    log_path=self.run_dir / "logs" / "harness.log").start()
         admin = self.admin()
         info = admin.info("server")
         self.write_meta(redis={"kind": self.provider.kind, "version": info.get("redis_version"),
@@ -453,6 +501,9 @@ class Run:
         if self._log_handler is not None:
             logging.getLogger().removeHandler(self._log_handler)
             self._log_handler.close()
+        if self._quiet is not None:
+            for h in logging.getLogger().handlers:
+                h.removeFilter(self._quiet)
 
     def _wind_down(self) -> None:
         """An interrupted run ends before its heal phase: no governor had the protocol's

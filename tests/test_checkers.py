@@ -257,3 +257,62 @@ def test_results_json_is_written(story: Story) -> None:
     assert data["valid"] is False
     assert data["invariants"]["slots"]["violations"] == 1
     assert data["violations"][0]["invariant"] == "slots"
+
+
+# -- violations explained with their causes ---------------------------------------------------
+def test_double_close_names_the_close_that_made_it_flat_and_both_permits(story: Story) -> None:
+    _open(story, 100, "o1", "AAUSDT")
+    for pid, t, fence in (("c1", 200, "7"), ("c2", 300, "8")):
+        story.submit(t, pid, "AAUSDT", action="CLOSE")
+        story.decide(t + 5, pid, "AAUSDT", action="CLOSE", fence=fence)
+        story.execute(t + 20, pid, "AAUSDT", action="CLOSE")
+    res = story.check()
+    (v,) = [v for v in res["_v"].results["single_close"].violations
+            if v.observed == "CLOSE on a flat symbol"]
+    assert v.plan_ids == ("c1", "c2")
+    assert "c1 had closed" in v.message
+    permits = [(e["plan_id"], e["governor"], e["entry_ms"], e["fence"]) for e in v.events
+               if e["what"] == "decision"]
+    assert permits == [("c1", "g1", T0 + 205, "7"), ("c2", "g1", T0 + 305, "8")]
+    orders = [(e["plan_id"], e["effect"]) for e in v.events if e["what"] == "order"]
+    assert orders == [("c1", "close"), ("c2", "flip")]
+
+
+def test_slot_violation_lists_the_positions_open_and_the_permits_regime(story: Story) -> None:
+    _open(story, 100, "o1", "AAUSDT")
+    _open(story, 200, "o2", "BBUSDT")
+    _open(story, 300, "o3", "CCUSDT")  # third position, 2 slots
+    (v,) = story.check()["_v"].results["slots"].violations
+    held = [(e["symbol"], e["plan_id"], e["wall_ms"]) for e in v.events
+            if e["what"] == "open position"]
+    assert held == [("AAUSDT", "o1", T0 + 120), ("BBUSDT", "o2", T0 + 220)]
+    (regime,) = [e for e in v.events if e["what"] == "regime at permit"]
+    assert regime["regime"] == "BASE" and regime["slots"] == 2
+    assert regime["wall_ms"] == T0 + 305
+    assert "AAUSDT (o1), BBUSDT (o2)" in v.message
+    assert v.events[-1]["what"] == "order" and v.events[-1]["plan_id"] == "o3"
+
+
+def test_liveness_failure_says_what_the_exchange_held_and_the_last_releases(
+        story: Story) -> None:
+    _open(story, 100, "o1", "AAUSDT")
+    _open(story, 200, "o2", "BBUSDT")
+    for pid, sym, t in (("c1", "AAUSDT", 300), ("c2", "BBUSDT", 400)):
+        story.submit(t, pid, sym, action="CLOSE")
+        story.decide(t + 5, pid, sym, action="CLOSE", fence="3")
+        story.execute(t + 20, pid, sym, action="CLOSE")
+        story.op(t + 25, OpType.OK, F.RESULT, pid, sym, process="recorder", fields={
+            "plan_id": pid, "symbol": sym, "action": "CLOSE", "status": "executed",
+            "fence": "3", "entry_ms": T0 + t + 25})
+    story.probe("probe-open-1800000090000-0", "PRBUSDT", "open", "BLOCK",
+                "active_slots_waiting_rotation_close")
+    (v,) = story.check()["_v"].results["liveness"].violations
+    assert ("0 open positions and 0 outstanding OPEN permits on the exchange against 2 slots "
+            "(BASE), yet the governor answered active_slots_waiting_rotation_close: 2 slots "
+            "leaked") in v.message
+    (held,) = [e for e in v.events if e["what"] == "exchange at probe"]
+    assert held["open_positions"] == 0 and held["outstanding_permits"] == 0
+    sent = [(e["plan_id"], e["symbol"], e["effect"], e["entry_ms"]) for e in v.events
+            if e["what"] == "result sent"]
+    assert sent == [("c1", "AAUSDT", "executed", T0 + 325), ("c2", "BBUSDT", "executed",
+                                                            T0 + 425)]

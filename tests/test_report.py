@@ -184,3 +184,74 @@ def test_report_takes_seconds_not_minutes(legacy_run: Path) -> None:
     t = time.perf_counter()
     write_report(legacy_run)
     assert time.perf_counter() - t < 30
+
+
+# -- plan ids as they are, one time frame, violations with their causes ------------------------
+def _liveness_run(tmp_path: Path) -> Path:
+    """A hand-written run whose liveness probe (an id with epoch-ms digits) was blocked."""
+    from test_checkers import T0, Story
+
+    s = Story(tmp_path, slots_BASE=2)
+    s.op(50, OpType.INVOKE, F.PHASE, "workload", process="runner")
+    s.submit(100, "o1", "AAUSDT")
+    s.decide(105, "o1", "AAUSDT")
+    s.execute(120, "o1", "AAUSDT", issued=105)
+    s.decide(90_003, f"probe-open-{T0 + 89_000}-0", "PRBUSDT", decision="BLOCK",
+             reason="active_slots_waiting_rotation_close")
+    s.probe(f"probe-open-{T0 + 89_000}-0", "PRBUSDT", "open", "BLOCK",
+            "active_slots_waiting_rotation_close")
+    s.check()
+    return s.dir
+
+
+def test_plan_ids_are_never_rewritten(tmp_path: Path) -> None:
+    from chaos.report import _humanize
+
+    t0 = 1_796_228_172_846
+    text = ("liveness probe open probe-open-1796228189697-0 on X, issued at 1796228189697. "
+            "(issued 1796228172846), entry 1796228189697-0, pos-S1-1796228189697")
+    assert _humanize(text, t0) == (
+        "liveness probe open probe-open-1796228189697-0 on X, issued at t=+16.851 s. "
+        "(issued t=+0.000 s), entry 1796228189697-0, pos-S1-1796228189697")
+    run_dir = _liveness_run(tmp_path)
+    paths = write_report(run_dir)
+    md = paths.md.read_text(encoding="utf-8")
+    pid = "probe-open-1800000089000-0"
+    assert f"liveness probe open {pid} on PRBUSDT was not permitted" in md
+    assert "probe-open-t=" not in md and "probe-open-t=" not in paths.html.read_text()
+    junit = (run_dir / "junit.xml").read_text()
+    assert pid in junit and "probe-open-t=" not in junit
+
+
+def test_one_time_frame_throughout_a_report(tmp_path: Path) -> None:
+    """Seconds since the workload start everywhere; the absolute time once, in the header."""
+    paths = write_report(_liveness_run(tmp_path))
+    md = paths.md.read_text(encoding="utf-8")
+    body = md.split("_Times are seconds since", 1)[0]  # the footer says when it was generated
+    absolute = re.findall(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", body)
+    assert len(absolute) == 1, absolute
+    assert "| time 0 | workload start, 2027-01-15 08:00:00 UTC" in md
+    assert not re.search(r"(?<![\w.:-])1\d{12}(?![\w:-])", body), "an epoch-ms time left"
+    assert "- time: t=+" in md and "| harness started | t=" in md
+
+
+def test_liveness_violation_in_the_report_says_what_the_exchange_held(tmp_path: Path) -> None:
+    md = write_report(_liveness_run(tmp_path)).md.read_text(encoding="utf-8")
+    assert ("1 open positions and 0 outstanding OPEN permits on the exchange against 2 slots "
+            "(BASE), yet the governor answered active_slots_waiting_rotation_close: 1 slot "
+            "leaked") in md
+    assert "| exchange at probe |" in md and "| open position | o1 | AAUSDT |" in md
+
+
+def test_real_slot_violations_list_every_position_open_then(legacy_run: Path,
+                                                            report: ReportPaths) -> None:
+    v = check_run(legacy_run, write=False, models=False)
+    for x in v.results["slots"].violations:
+        held = [e for e in x.events if e["what"] == "open position"]
+        order = x.events[-1]
+        assert order["what"] == "order" and order["plan_id"] == x.plan_ids[0]
+        delta = {"open": 1, "flip": 1, "close": -1}.get(order["effect"], 0)
+        assert len(held) + delta == order["open_count_after"], x.message  # the ledger's count
+        assert len({e["symbol"] for e in held}) == len(held)
+    md = report.md.read_text(encoding="utf-8")
+    assert "| open position |" in md and "| regime at permit |" in md

@@ -10,14 +10,16 @@ reported only when every reading of them violates.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from itertools import count, repeat
 from operator import attrgetter, itemgetter
 from typing import Any
 
 from chaos.checkers.facts import BadDecision, Decision, Facts, LedgerOrder, Submit
+from chaos.history import history_files
 
 _WALL_MS = attrgetter("wall_ms")
 _START = itemgetter(0)
@@ -81,6 +83,56 @@ def _issued_ms(facts: Facts, o: LedgerOrder) -> int:
     return p.entry_ms if p else o.wall_ms
 
 
+# -- explanations: the events that make a violation one (built only once one is found) -------
+def _opened_event(o: LedgerOrder) -> dict[str, Any]:
+    """A position open at the time, by the order that opened it."""
+    return {"what": "open position", "plan_id": o.plan_id, "symbol": o.symbol,
+            "position_id": o.position_id, "effect": o.effect, "wall_ms": o.wall_ms}
+
+
+def _open_positions_before(facts: Facts, seqs: set[int]) -> dict[int, list[LedgerOrder]]:
+    """For each ledger seq in ``seqs``: the positions open just before that order executed.
+
+    One replay of the ledger (an OPEN or a flip opens, a close flattens, an add keeps the
+    position), run only when a violation needs it.
+    """
+    open_on: dict[str, LedgerOrder] = {}
+    out: dict[int, list[LedgerOrder]] = {}
+    for o in facts.orders:
+        if o.seq in seqs:
+            out[o.seq] = sorted(open_on.values(), key=_WALL_MS)
+        _apply_order(open_on, o)
+    return out
+
+
+def _apply_order(open_on: dict[str, LedgerOrder], o: LedgerOrder) -> None:
+    if o.effect in ("open", "flip"):
+        open_on[o.symbol] = o
+    elif o.effect == "close":
+        open_on.pop(o.symbol, None)
+
+
+def _open_positions_at(facts: Facts, ms: int) -> dict[str, LedgerOrder]:
+    """The positions open on the exchange at ``ms`` (orders executed by then)."""
+    open_on: dict[str, LedgerOrder] = {}
+    for o in facts.orders:
+        if o.wall_ms > ms:
+            break
+        _apply_order(open_on, o)
+    return open_on
+
+
+def _permit_events(facts: Facts, orders: list[LedgerOrder]) -> list[dict[str, Any]]:
+    """The PERMIT decisions behind ``orders`` (governor, time, fence), then the orders."""
+    out = []
+    for o in orders:
+        p = facts.permit(o.plan_id)
+        if p is not None:
+            out.append(_decision_event(p))
+        out.append(_order_event(o))
+    return sorted(out, key=lambda e: e.get("entry_ms") or e.get("wall_ms") or 0)
+
+
 def _finish(name: str, violations: list[Violation], stats: dict[str, Any],
             unknown: str = "") -> CheckResult:
     if violations:
@@ -99,6 +151,7 @@ def check_slots(facts: Facts) -> CheckResult:
     # of the run allows already open, can break the bound: the others are passed over.
     fewest = min(cfg.slots_for(r) for r in {facts.initial_regime, *(x[2] for x in facts.regimes)})
     suspects = [o for o in facts.orders if o.open_count_after > fewest]
+    explain: list[tuple[LedgerOrder, set[str] | None, int]] = []  # (order, regimes, slots)
     for o in suspects:
         if o.open_count_after > cfg.max_positions:
             vs.append(Violation("slots", o.wall_ms, o.symbol, (o.plan_id,),
@@ -107,6 +160,7 @@ def check_slots(facts: Facts) -> CheckResult:
                                 f"open after {o.plan_id}, above max_positions "
                                 f"{cfg.max_positions}", (_order_event(o),),
                                 tuple(facts.fault_at(o.wall_ms))))
+            explain.append((o, None, cfg.max_positions))
             continue
         if o.action != "OPEN" or o.effect != "open":
             continue
@@ -125,7 +179,33 @@ def check_slots(facts: Facts) -> CheckResult:
                 f"allows {allowed}",
                 tuple(x for x in (_decision_event(p) if p else None, _order_event(o)) if x),
                 tuple(facts.fault_at(o.wall_ms))))
+            explain.append((o, regimes, allowed))
+    if vs:
+        vs = _explain_slots(facts, vs, explain)
     return _finish("slots", vs, {"peak_open_positions": peak, "orders": len(facts.orders)})
+
+
+def _explain_slots(facts: Facts, vs: list[Violation],
+                   explain: list[tuple[LedgerOrder, set[str] | None, int]]) -> list[Violation]:
+    """Each slot violation with the positions open at that moment and the permit's regime."""
+    before = _open_positions_before(facts, {o.seq for o, _r, _n in explain})
+    out = []
+    for v, (o, regimes, allowed) in zip(vs, explain, strict=True):
+        held = before.get(o.seq, [])
+        p = facts.permit(o.plan_id)
+        events: list[dict[str, Any]] = []
+        if p is not None:
+            events.append(_decision_event(p))
+        if regimes is not None:
+            events.append({"what": "regime at permit", "regime": "/".join(sorted(regimes)),
+                           "slots": allowed, "wall_ms": _issued_ms(facts, o)})
+        events += [_opened_event(x) for x in held]
+        events.append(_order_event(o))
+        held_txt = ", ".join(f"{x.symbol} ({x.plan_id})" for x in held)
+        out.append(replace(
+            v, events=tuple(events),
+            message=f"{v.message}; open before it: {held_txt or 'none'}"))
+    return out
 
 
 # -- one position per symbol --------------------------------------------------------------
@@ -145,22 +225,21 @@ def check_one_position_per_symbol(facts: Facts) -> CheckResult:
 def check_single_close(facts: Facts) -> CheckResult:
     vs: list[Violation] = []
     closes_by_position: dict[str, list[LedgerOrder]] = defaultdict(list)
+    flips: list[LedgerOrder] = []
     for o in [o for o in facts.orders if o.action == "CLOSE"]:
         if o.effect == "flip":
-            vs.append(Violation("single_close", o.wall_ms, o.symbol, (o.plan_id,),
-                                "CLOSE only on an open position", "CLOSE on a flat symbol",
-                                f"CLOSE {o.plan_id} executed on flat {o.symbol}: the account "
-                                f"flipped into a new position {o.position_id} (a double close)",
-                                (_order_event(o),), tuple(facts.fault_at(o.wall_ms))))
+            flips.append(o)
         elif o.effect == "close":
             closes_by_position[o.position_id].append(o)
+    if flips:
+        vs += _explain_flips(facts, flips)
     for pid, closes in closes_by_position.items():
         if len(closes) > 1:
             o = closes[1]
             vs.append(Violation("single_close", o.wall_ms, o.symbol,
                                 tuple(c.plan_id for c in closes), "one executed close",
                                 f"{len(closes)} closes", f"position {pid} closed {len(closes)} "
-                                f"times", tuple(_order_event(c) for c in closes),
+                                f"times", tuple(_permit_events(facts, closes)),
                                 tuple(facts.fault_at(o.wall_ms))))
     # No two CLOSE permits of one symbol outstanding at once.
     permits: dict[str, list[tuple[int, int, Decision]]] = defaultdict(list)
@@ -178,9 +257,48 @@ def check_single_close(facts: Facts) -> CheckResult:
                     "at most one CLOSE permit of a symbol outstanding",
                     "two outstanding", f"CLOSE permit {d2.plan_id} on {sym} issued at {s2} "
                     f"while permit {d1.plan_id} (issued {s1}) was outstanding until {e1}",
-                    (_decision_event(d1), _decision_event(d2)), tuple(facts.fault_at(s2))))
+                    _overlap_events(facts, d1, d2), tuple(facts.fault_at(s2))))
     return _finish("single_close", vs, {"close_permits": sum(len(v) for v in permits.values()),
                                         "overlapping_permits": overlaps})
+
+
+def _explain_flips(facts: Facts, flips: list[LedgerOrder]) -> list[Violation]:
+    """A close on a flat symbol, with the close that made it flat and both permits."""
+    wanted = {o.symbol for o in flips}
+    flip_seqs = {o.seq for o in flips}
+    last_close: dict[str, LedgerOrder] = {}  # per symbol, the last close before each flip
+    made_flat: dict[int, LedgerOrder | None] = {}
+    for o in facts.orders:
+        if o.symbol not in wanted:
+            continue
+        if o.seq in flip_seqs:
+            made_flat[o.seq] = last_close.get(o.symbol)
+        if o.effect == "close":
+            last_close[o.symbol] = o
+        elif o.effect in ("open", "flip"):
+            last_close.pop(o.symbol, None)
+    out = []
+    for o in flips:
+        prev = made_flat.get(o.seq)
+        plans = (prev.plan_id, o.plan_id) if prev is not None else (o.plan_id,)
+        why = (f"; {prev.plan_id} had closed {prev.position_id} "
+               f"{(o.wall_ms - prev.wall_ms) / 1000:.3f} s before"
+               if prev is not None else "; no close of this symbol before it in the ledger")
+        out.append(Violation(
+            "single_close", o.wall_ms, o.symbol, plans, "CLOSE only on an open position",
+            "CLOSE on a flat symbol", f"CLOSE {o.plan_id} executed on flat {o.symbol}: the "
+            f"account flipped into a new position {o.position_id} (a double close){why}",
+            tuple(_permit_events(facts, [prev, o] if prev is not None else [o])),
+            tuple(facts.fault_at(o.wall_ms))))
+    return out
+
+
+def _overlap_events(facts: Facts, d1: Decision, d2: Decision) -> tuple[dict[str, Any], ...]:
+    """Both CLOSE permits, and what each led to on the exchange."""
+    first = facts.first_order()
+    events = [_decision_event(d1), _decision_event(d2)]
+    events += [_order_event(o) for o in (first.get(d1.plan_id), first.get(d2.plan_id)) if o]
+    return tuple(sorted(events, key=lambda e: e.get("entry_ms") or e.get("wall_ms") or 0))
 
 
 # -- capital --------------------------------------------------------------------------------
@@ -390,14 +508,16 @@ def check_liveness(facts: Facts) -> CheckResult:
     if not facts.probes:
         return CheckResult("liveness", None, note="no liveness probe in this run")
     vs = []
-    for pid, p in facts.probes.items():
-        if p.get("decision") != "PERMIT":
-            observed = p.get("reason") or ("no decision" if p.get("decision") is None
-                                           else p.get("decision"))
-            vs.append(Violation("liveness", facts.phases.get("probe", {}).get("invoke", 0),
-                                p.get("symbol"), (pid,), f"probe {p.get('probe')} permitted",
-                                str(observed), f"liveness probe {p.get('probe')} {pid} on "
-                                f"{p.get('symbol')} was not permitted: {observed}", ()))
+    failed = [(pid, p) for pid, p in facts.probes.items() if p.get("decision") != "PERMIT"]
+    for pid, p in failed:
+        observed = p.get("reason") or ("no decision" if p.get("decision") is None
+                                       else p.get("decision"))
+        vs.append(Violation("liveness", facts.phases.get("probe", {}).get("invoke", 0),
+                            p.get("symbol"), (pid,), f"probe {p.get('probe')} permitted",
+                            str(observed), f"liveness probe {p.get('probe')} {pid} on "
+                            f"{p.get('symbol')} was not permitted: {observed}", ()))
+    if vs:
+        vs = _explain_liveness(facts, vs, failed)
     return _finish("liveness", vs, {"probes": len(facts.probes)})
 
 
@@ -444,6 +564,116 @@ def _protocol_violation(facts: Facts, b: BadDecision, problems: str) -> Violatio
                      problems, f"{b.decision} entry {b.entry_id or '?'}"
                      f"{' for ' + pid if pid else ''} from {b.governor or '?'} breaks the "
                      f"protocol: {problems}", (event,), tuple(facts.fault_at(b.entry_ms)))
+
+
+def _permit_end(facts: Facts, d: Decision) -> int:
+    """When a permit stopped being outstanding: its order, a failed take, a result other
+    than executed, else its expiry (the single_close rule, for either action)."""
+    ends = list(facts.take_fails.get(d.plan_id, ()))
+    ends += [ms for ms, _status in facts.aborts.get(d.plan_id, ())]
+    o = facts.first_order().get(d.plan_id)
+    if o is not None:
+        ends.append(o.wall_ms)
+    return max(min(ends), d.entry_ms) if ends else d.entry_ms + facts.config.permit_ttl_ms
+
+
+def _results_sent(facts: Facts, symbols: set[str], until_ms: int) -> dict[str, dict[str, Any]]:
+    """The last apply result entry (a release) per symbol up to ``until_ms``.
+
+    Executed results are not kept in the facts (the ledger says what executed), so this
+    reads the history again: only when a liveness violation needs it.
+    """
+    last: dict[str, dict[str, Any]] = {}
+    for path in history_files(facts.run_dir):
+        with open(path, "rb") as fh:
+            for line in fh:
+                if b'"f":"result"' not in line:
+                    continue
+                try:
+                    op = json.loads(line)
+                except ValueError:
+                    continue
+                v = op.get("value") or {}
+                sym = v.get("symbol")
+                ms = v.get("entry_ms") or op.get("wall_ms") or 0
+                if sym not in symbols or not isinstance(ms, int) or ms > until_ms:
+                    continue
+                if sym not in last or ms >= last[sym]["entry_ms"]:
+                    last[sym] = {"what": "result sent", "plan_id": v.get("plan_id"),
+                                 "symbol": sym, "action": v.get("action"),
+                                 "effect": v.get("status"), "position_id": v.get("position_id"),
+                                 "fence": v.get("fence"), "entry_ms": ms}
+    return last
+
+
+def _explain_liveness(facts: Facts, vs: list[Violation],
+                      failed: list[tuple[str, dict[str, Any]]]) -> list[Violation]:
+    """What the exchange held when the probe was answered, against the governor's answer,
+    and the last releases (apply results) for the symbols concerned."""
+    cfg = facts.config
+    probe_ms = facts.phases.get("probe", {}).get("invoke", 0)
+    permits = [d for pid, d in facts.permits().items() if pid not in facts.probes]
+    answers = {}
+    for pid, _p in failed:
+        ds = facts.decisions.get(pid)
+        answers[pid] = ds[0].entry_ms if ds else (facts.last_ms or probe_ms)
+    plan: list[tuple[int, set[str], list[dict[str, Any]], str]] = []
+    wanted: set[str] = set()
+    for (pid, p), v in zip(failed, vs, strict=True):
+        at = answers[pid]
+        held = _open_positions_at(facts, at)
+        outstanding = [d for d in permits if d.entry_ms <= at < _permit_end(facts, d)]
+        regimes = facts.regime_at(at)
+        slots = max(cfg.slots_for(r) for r in regimes)
+        events: list[dict[str, Any]] = [
+            {"what": "probe", "plan_id": pid, "symbol": p.get("symbol"),
+             "action": str(p.get("probe") or "").upper(), "decision": p.get("decision") or "",
+             "reason": p.get("reason") or "", "entry_ms": at},
+            {"what": "exchange at probe", "open_positions": len(held),
+             "outstanding_permits": len(outstanding), "regime": "/".join(sorted(regimes)),
+             "slots": slots, "wall_ms": at}]
+        events += [_opened_event(o) for o in sorted(held.values(), key=_WALL_MS)]
+        events += [_decision_event(d) for d in outstanding]
+        if p.get("probe") == "close":
+            sym = p.get("symbol") or ""
+            pos = held.get(sym)
+            closing = [d for d in outstanding if d.action == "CLOSE" and d.symbol == sym]
+            text = (f"the exchange held {sym} open"
+                    f"{f' ({pos.position_id})' if pos else ' (not any more)'} with "
+                    f"{len(closing)} outstanding CLOSE permits, yet the governor answered "
+                    f"{v.observed}")
+            symbols = {sym}
+        else:
+            opens = [d for d in outstanding if d.action == "OPEN"]
+            leaked = slots - len(held) - len(opens)
+            text = (f"{len(held)} open positions and {len(opens)} outstanding OPEN permits on "
+                    f"the exchange against {slots} slots ({'/'.join(sorted(regimes))}), yet "
+                    f"the governor answered {v.observed}")
+            if leaked > 0 and v.observed == "active_slots_waiting_rotation_close":
+                text += f": {leaked} slot{'s' if leaked != 1 else ''} leaked"
+            # The symbols released last: the slots a governor failed to free are theirs.
+            closed: dict[str, int] = {}
+            for o in facts.orders:
+                if o.wall_ms > at:
+                    break
+                if o.effect == "close":
+                    closed[o.symbol] = o.wall_ms
+                elif o.effect in ("open", "flip"):
+                    closed.pop(o.symbol, None)
+            recent = sorted(closed, key=closed.__getitem__, reverse=True)
+            symbols = set(recent[:min(10, max(leaked, 3))])
+        wanted |= symbols
+        plan.append((at, symbols, events, text))
+    sent = _results_sent(facts, wanted, max(answers.values(), default=0))
+    out = []
+    for v, (at, symbols, events, text) in zip(vs, plan, strict=True):
+        releases = sorted((sent[s] for s in symbols if s in sent), key=lambda e: e["entry_ms"])
+        missing = sorted(s for s in symbols if s not in sent)
+        if missing:
+            text += f"; no result sent for {', '.join(missing)}"
+        out.append(replace(v, wall_ms=v.wall_ms or at, message=f"{v.message}: {text}",
+                           events=tuple(events + releases), faults=tuple(facts.fault_at(at))))
+    return out
 
 
 CHECKERS: dict[str, Callable[[Facts], CheckResult]] = {
