@@ -35,6 +35,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +170,24 @@ def forget_dir(path: str | os.PathLike[str]) -> None:
             return
         _client.dirs.discard(p)
         _client.send({"op": "forget_dir", "path": p})
+
+
+@contextlib.contextmanager
+def sigint_ignored_while_spawning() -> Iterator[None]:
+    """Around the start of ``multiprocessing`` children (main thread only): a spawned child
+    leaves the terminal's process group only once its own code runs (``os.setsid``), and in
+    the fraction of a second before that, Python's start-up would turn the terminal's
+    Ctrl-C into a KeyboardInterrupt traceback. An ignored SIGINT stays ignored across exec,
+    so the child starts immune; the harness ignores it only for the few milliseconds
+    ``start()`` takes (a Ctrl-C in exactly that instant is lost: press it again)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old if old is not None else signal.SIG_DFL)
 
 
 def reaper_pid() -> int | None:
