@@ -35,6 +35,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -220,10 +221,22 @@ def _signal_entry(entry: dict[str, Any]) -> None:
             os.kill(pid, sig)
 
 
+def _dead(pid: int) -> bool:
+    """Gone, or a zombie (nothing left that could write into a dir)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] in "ZX"
+    except (OSError, IndexError):
+        return True
+
+
 def _reap(watched: dict[int, dict[str, Any]], dirs: set[str]) -> None:
     for entry in watched.values():
         with contextlib.suppress(Exception):
             _signal_entry(entry)
+    if dirs:  # a Redis being killed must not write into its dir while it is removed
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and not all(_dead(p) for p in watched):
+            time.sleep(0.01)
     for d in dirs:
         shutil.rmtree(d, ignore_errors=True)
 
