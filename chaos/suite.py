@@ -276,8 +276,10 @@ def write_summary(out_dir: Path, valid: bool | None, outcomes: list[ScenarioOutc
              "| scenario | seed | verdict | time to first violation | violations by invariant |",
              "|---|---|---|---|---|"]
     if interrupted:
+        cut = ("the last was cut short" if any(o.interrupted for o in outcomes)
+               else "reports still being written were dropped")
         lines[3:3] = [f"**Interrupted** (Ctrl-C or SIGTERM) after {len(outcomes)} scenario "
-                      "run(s): only these ran, and the last was cut short.", ""]
+                      f"run(s): only these ran, and {cut}.", ""]
     for o in outcomes:
         word = "ERROR" if o.error else {True: "valid", False: "INVALID", None: "unknown"}[o.valid]
         if o.interrupted:
