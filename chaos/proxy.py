@@ -457,8 +457,6 @@ def _child_main(argv: list[str] | None = None) -> int:
     ctl_out = os.dup(1)
     os.dup2(2, 1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the controller to handle
-    with contextlib.suppress(OSError):
-        os.setsid()  # out of the terminal's process group: its signals are the harness's
     try:
         return asyncio.run(_child_async(args, ctl_out))
     finally:
@@ -567,9 +565,10 @@ class FaultProxy:
                 cmd += ["--seed", str(self.seed)]
             self._buf = b""
             self._proc = subprocess.Popen(
-                cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True
+                cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True,
+                start_new_session=True,  # out of the terminal's process group (Ctrl-C)
             )
-            reaper.watch(self._proc.pid, group=True)  # dies with the harness, however
+            reaper.watch(self._proc.pid, group=True)
             try:
                 result = self._read_reply(self.start_timeout)
             except BaseException:

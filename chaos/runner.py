@@ -34,7 +34,7 @@ import redis
 from chaos import scenario as scn
 from chaos.apply_layer import ApplyConfig, ApplyLayer
 from chaos.exchange import Exchange, Order
-from chaos.history import F, HistoryWriter
+from chaos.history import F, HistoryWriter, Op, OpType, write_history
 from chaos.probe import PROBE_SYMBOLS, ProbeOutcome, run_probe
 from chaos.recorder import StreamRecorder, apply_hook, supervisor_hook
 from chaos.redis_servers import EmbeddedConfig, RedisProvider, provide
@@ -114,9 +114,6 @@ class Run:
         self.opts = opts
         self.sc = opts.scenario
         self.run_dir = (opts.out or default_run_dir(self.sc.name)).resolve()
-        self._workload_start: tuple[int, int] | None = None  # (time_ns, wall_ms) of the load
-        self._healed = False  # the heal phase completed: an interruption after it is judged
-        # by the usual rules
         self.keys: Keys | None = None
         self.provider: RedisProvider | None = None
         self.proxy: Any = None
@@ -129,6 +126,9 @@ class Run:
         self.writers: list[HistoryWriter] = []
         self.meta: dict[str, Any] = {}
         self._log_handler: logging.Handler | None = None
+        self._workload_op: Op | None = None  # the workload phase's start
+        self._healed = False  # the heal phase completed (an interruption after it is judged
+        # by the usual rules)
 
     # -- helpers --------------------------------------------------------------------
     def writer(self, process: str) -> HistoryWriter:
@@ -312,8 +312,7 @@ class Run:
             self.write_inputs()
             self.start_exchange()
             self.start_governors()
-            op = phases.invoke(F.PHASE, key="workload")
-            self._workload_start = (op.time_ns, op.wall_ms)
+            self._workload_op = phases.invoke(F.PHASE, key="workload")
             t0 = time.monotonic()
             self.start_load(t0)
             self._wait(t0, self.sc.duration_s)
@@ -457,18 +456,16 @@ class Run:
         self.write_meta(checks_skipped=skipped)
         if self._healed:
             return  # after the heal phase the normal rule (the end of that phase) holds
-        from chaos.history import Op, OpType, write_history
-
-        if self._workload_start is None:
+        start = self._workload_op
+        if start is None:
             return  # no plan was sent
-        start_ns, start_ms = self._workload_start
         if self.supervisor is not None and self.keys is not None:
             self._settle(timeout=INTERRUPT_SETTLE_S, quiet=True)
         wall_ms = int(time.time() * 1000)
         cutoff = wall_ms - DECISION_DEADLINE_MS
         t_ns = time.monotonic_ns() - DECISION_DEADLINE_MS * 1_000_000
-        if cutoff < start_ms:  # never before the load began: the run's time frame
-            cutoff, t_ns = start_ms - 1, start_ns - 2  # starts where it did
+        if cutoff < start.wall_ms:  # never before the load began: the run's time frame
+            cutoff, t_ns = start.wall_ms - 1, start.time_ns - 2  # starts where it did
         write_history(self.run_dir, [
             Op(typ, str(F.PHASE), "runner", t_ns + i, cutoff, "cutoff",
                value={"deadline_ms": DECISION_DEADLINE_MS, "interrupted_ms": wall_ms})
