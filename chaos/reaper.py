@@ -26,6 +26,7 @@ harness is SIGKILLed exactly then, is not covered: accepted, documented.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
@@ -118,6 +119,23 @@ class _Client:
 _client = _Client()
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_client.after_fork_in_child)
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """A normal exit (registered before the other modules' cleanups, so it runs after
+    them): what they stopped is forgotten; the reaper mops up anything they missed and is
+    gone before this process is, so whoever waits for the harness finds nothing of it."""
+    c = _client
+    with c.lock:
+        if c.fd is None or c.owner != os.getpid():
+            return
+        with contextlib.suppress(OSError):
+            os.close(c.fd)
+        c.fd, c.disabled = None, True
+        if c.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                c.proc.wait(timeout=5)
 
 
 def _pythonpath() -> str:
