@@ -26,6 +26,7 @@ harness is SIGKILLed exactly then, is not covered: accepted, documented.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
@@ -35,6 +36,8 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +121,23 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_client.after_fork_in_child)
 
 
+@atexit.register
+def _close_at_exit() -> None:
+    """A normal exit (registered before the other modules' cleanups, so it runs after
+    them): what they stopped is forgotten; the reaper mops up anything they missed and is
+    gone before this process is, so whoever waits for the harness finds nothing of it."""
+    c = _client
+    with c.lock:
+        if c.fd is None or c.owner != os.getpid():
+            return
+        with contextlib.suppress(OSError):
+            os.close(c.fd)
+        c.fd, c.disabled = None, True
+        if c.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                c.proc.wait(timeout=5)
+
+
 def _pythonpath() -> str:
     """The reaper imports ``chaos`` from wherever this process did."""
     root = str(Path(__file__).resolve().parent.parent)
@@ -171,6 +191,24 @@ def forget_dir(path: str | os.PathLike[str]) -> None:
         _client.send({"op": "forget_dir", "path": p})
 
 
+@contextlib.contextmanager
+def sigint_ignored_while_spawning() -> Iterator[None]:
+    """Around the start of ``multiprocessing`` children (main thread only): a spawned child
+    leaves the terminal's process group only once its own code runs (``os.setsid``), and in
+    the fraction of a second before that, Python's start-up would turn the terminal's
+    Ctrl-C into a KeyboardInterrupt traceback. An ignored SIGINT stays ignored across exec,
+    so the child starts immune; the harness ignores it only for the few milliseconds
+    ``start()`` takes (a Ctrl-C in exactly that instant is lost: press it again)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old if old is not None else signal.SIG_DFL)
+
+
 def reaper_pid() -> int | None:
     """The pid of this process's reaper, if one was started (tests, debugging)."""
     with _client.lock:
@@ -201,10 +239,22 @@ def _signal_entry(entry: dict[str, Any]) -> None:
             os.kill(pid, sig)
 
 
+def _dead(pid: int) -> bool:
+    """Gone, or a zombie (nothing left that could write into a dir)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] in "ZX"
+    except (OSError, IndexError):
+        return True
+
+
 def _reap(watched: dict[int, dict[str, Any]], dirs: set[str]) -> None:
     for entry in watched.values():
         with contextlib.suppress(Exception):
             _signal_entry(entry)
+    if dirs:  # a Redis being killed must not write into its dir while it is removed
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and not all(_dead(p) for p in watched):
+            time.sleep(0.01)
     for d in dirs:
         shutil.rmtree(d, ignore_errors=True)
 

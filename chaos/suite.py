@@ -188,7 +188,8 @@ class _ReportWriter:
             self._pool = ProcessPoolExecutor(
                 max_workers=1, mp_context=multiprocessing.get_context("spawn"),
                 initializer=_report_worker_init)
-        self._jobs.append((run_dir, self._pool.submit(_write_report, run_dir, verdict)))
+        with reaper.sigint_ignored_while_spawning():  # the first submit starts the process
+            self._jobs.append((run_dir, self._pool.submit(_write_report, run_dir, verdict)))
         for pid in self._worker_pids():  # started by the first submit
             reaper.watch(pid, group=True)
 
@@ -258,10 +259,10 @@ def _row(o: ScenarioOutcome) -> str:
     word = {True: "valid", False: "INVALID", None: "unknown"}[o.valid]
     if o.error:
         word = "ERROR"
-    if o.interrupted:
-        word = "interrupted"
     first = f"{o.first_violation_s:.1f}s" if o.first_violation_s is not None else "-"
     viol = ", ".join(f"{k} {v}" for k, v in o.violations.items()) or (o.error or "")
+    if o.interrupted:
+        viol = "interrupted"
     return f"{o.name:<22} {o.seed:>4} {word:<8} {first:>6}  {viol}"
 
 
@@ -275,12 +276,14 @@ def write_summary(out_dir: Path, valid: bool | None, outcomes: list[ScenarioOutc
              "| scenario | seed | verdict | time to first violation | violations by invariant |",
              "|---|---|---|---|---|"]
     if interrupted:
+        cut = ("the last was cut short" if any(o.interrupted for o in outcomes)
+               else "reports still being written were dropped")
         lines[3:3] = [f"**Interrupted** (Ctrl-C or SIGTERM) after {len(outcomes)} scenario "
-                      "run(s): only these ran, and the last was cut short.", ""]
+                      f"run(s): only these ran, and {cut}.", ""]
     for o in outcomes:
         word = "ERROR" if o.error else {True: "valid", False: "INVALID", None: "unknown"}[o.valid]
         if o.interrupted:
-            word = "interrupted"
+            word = "unknown (interrupted)"
         first = f"{o.first_violation_s:.1f} s" if o.first_violation_s is not None else ""
         viol = ", ".join(f"{k}: {v}" for k, v in o.violations.items()) or (o.error or "")
         lines.append(f"| {o.name} | {o.seed} | {word} | {first} | {viol} |")

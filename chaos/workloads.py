@@ -1109,7 +1109,8 @@ def start_workloads(specs: Sequence[WorkloadSpec], ctx: WorkloadContext, *,
                 p = mpctx.Process(
                     name=f"{spec.kind}-{index}", target=_child_main, daemon=True,
                     args=(spec, index, ctx, stop_event, max_plans, os.getpid(), level))
-                p.start()
+                with reaper.sigint_ignored_while_spawning():
+                    p.start()
                 processes.append(p)
                 if p.pid is not None:
                     reaper.watch(p.pid, group=True)  # dies with the harness, however it dies

@@ -95,6 +95,12 @@ class Harness:
                 stdin=subprocess.DEVNULL, start_new_session=True,
                 env={**os.environ, MARK_VAR: self.mark, "PYTHONUNBUFFERED": "1"})
 
+    def snapshot(self) -> list[psutil.Process]:
+        """The harness's descendants now (kept for the cleanup too)."""
+        procs = descendants(self.proc.pid)
+        self.started.extend(procs)
+        return procs
+
     def output(self) -> str:
         return self.out.read_text(errors="replace") + self.err.read_text(errors="replace")
 
@@ -147,7 +153,7 @@ def test_ctrl_c_at_the_terminal_gives_unknown_with_no_violation_and_leaves_nothi
     h = harness(*run_args(out))
     wait_until(lambda: producing(out) or h.proc.poll() is not None, 60, "the workload")
     assert h.proc.poll() is None, h.output()
-    before = descendants(h.proc.pid)
+    before = h.snapshot()
     t0 = time.monotonic()
     os.killpg(h.proc.pid, signal.SIGINT)  # what a terminal does: the whole foreground group
     rc = h.wait(60)
@@ -171,7 +177,7 @@ def test_sigterm_tears_down_like_ctrl_c(tmp_path: Path,
     h = harness(*run_args(out))
     wait_until(lambda: producing(out) or h.proc.poll() is not None, 60, "the workload")
     assert h.proc.poll() is None, h.output()
-    before = descendants(h.proc.pid)
+    before = h.snapshot()
     t0 = time.monotonic()
     h.proc.send_signal(signal.SIGTERM)  # the harness alone, as a service manager would
     rc = h.wait(60)
@@ -194,7 +200,7 @@ def test_sigkill_of_the_harness_leaves_no_process_and_no_temp_dir(
     wait_until(lambda: (producing(out, 5_000) and paused()) or h.proc.poll() is not None,
                60, "a paused governor")
     assert h.proc.poll() is None, h.output()
-    procs = descendants(h.proc.pid)
+    procs = h.snapshot()
     names = {" ".join(p.cmdline()) for p in procs}
     assert any("redis-server" in n for n in names) and any("governor_ref" in n for n in names)
     redis_dirs = [Path(p.cwd()) for p in procs if "redis-server" in " ".join(p.cmdline())]
@@ -222,7 +228,7 @@ def test_one_ctrl_c_stops_the_whole_suite_with_a_summary(
     wait_until(lambda: producing(out / "small-b", 5_000) or h.proc.poll() is not None, 120,
                "the second scenario's workload")
     assert h.proc.poll() is None, h.output()
-    before = descendants(h.proc.pid)
+    before = h.snapshot()
     t0 = time.monotonic()
     os.killpg(h.proc.pid, signal.SIGINT)
     rc = h.wait(30)
@@ -241,3 +247,81 @@ def test_one_ctrl_c_stops_the_whole_suite_with_a_summary(
     assert "BrokenProcessPool" not in h.output()
     assert gone_within(h.mark, 10, before) == []
     print(f"suite SIGINT to exit: {stopped_s:.1f}s")
+
+
+# -- the reaper itself ---------------------------------------------------------------------
+OWNER = """
+import os, signal, subprocess, sys, threading, time
+from chaos import reaper
+
+def spawn():
+    # A wrapper with grandchildren, started (and registered) from a thread that then exits:
+    # PR_SET_PDEATHSIG would miss both.
+    p = subprocess.Popen(["sh", "-c", "sleep 300 & sleep 300 & wait"], start_new_session=True)
+    reaper.watch(p.pid, group=True)
+    print(p.pid, flush=True)
+
+t = threading.Thread(target=spawn)
+t.start()
+t.join()
+time.sleep(300)
+"""
+
+
+def test_the_reaper_kills_a_stopped_group_with_grandchildren_when_its_owner_is_killed(
+        tmp_path: Path) -> None:
+    owner = subprocess.Popen([sys.executable, "-c", OWNER], stdout=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    group: list[psutil.Process] = []
+    try:
+        assert owner.stdout is not None
+        pgid = int(owner.stdout.readline())
+
+        def members() -> list[psutil.Process]:
+            return [p for p in psutil.process_iter() if _pgid(p) == pgid]
+
+        group = wait_until(lambda: m if len(m := members()) >= 3 else None, 10,
+                           "the wrapper and its two children")
+        os.killpg(pgid, signal.SIGSTOP)  # as a pause fault leaves a governor
+        owner.kill()
+        owner.wait(10)
+        wait_until(lambda: not alive(group), 5, "the stopped group to be killed")
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait(10)
+        for p in alive(group):
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+
+
+def _pgid(p: psutil.Process) -> int | None:
+    with contextlib.suppress(psutil.Error, OSError):
+        return os.getpgid(p.pid)
+    return None
+
+
+def test_the_reaper_does_not_kill_a_reused_pid() -> None:
+    """An entry whose start time is not the process's own (the pid was reused) is spared;
+    the same entry with the right start time is not."""
+    from chaos import reaper
+
+    victim = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        start = reaper.start_time(victim.pid)
+        assert start is not None
+        for given, survives in ((start + 1, True), (start, False)):
+            r, w = os.pipe()
+            rp = subprocess.Popen([sys.executable, "-m", "chaos.reaper", str(r)],
+                                  pass_fds=(r,), start_new_session=True)
+            os.close(r)
+            os.write(w, (json.dumps({"op": "watch", "pid": victim.pid, "group": True,
+                                     "start": given}) + "\n").encode())
+            os.close(w)  # EOF: the "harness" died
+            assert rp.wait(10) == 0
+            time.sleep(0.2)
+            assert (victim.poll() is None) is survives
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+        victim.wait(10)
