@@ -781,6 +781,15 @@ class Supervisor:
                                                name=f"supervisor-evidence-{self.prefix}")
             self._inspector.start()
 
+    def _raw(self) -> redis.Redis:
+        """A bytes client for evidence (fields may be non-UTF-8), short timeouts; one for the
+        inspector thread and stop() alike (creating it does no I/O)."""
+        with self._lock:
+            if self._raw_client is None:
+                self._raw_client = connect(self.redis_url, decode_responses=False,
+                                           socket_timeout=2.0, socket_connect_timeout=1.0)
+            return self._raw_client
+
     def _record_membership(self) -> None:
         """Before stopping: for each instance that was ready only by staying up and was never
         seen in the plan group, one ``membership`` event saying whether it is listed now. A
@@ -793,10 +802,7 @@ class Supervisor:
         if not unseen:
             return
         try:
-            if self._raw_client is None:
-                self._raw_client = connect(self.redis_url, decode_responses=False,
-                                           socket_timeout=2.0, socket_connect_timeout=1.0)
-            rows = self._raw_client.xinfo_consumers(Keys(self.prefix).plans, GROUP_GOVERNOR)
+            rows = self._raw().xinfo_consumers(Keys(self.prefix).plans, GROUP_GOVERNOR)
         except (redis.RedisError, OSError) as exc:
             log.info("supervisor: group membership not readable at stop: %s", exc)
             return
@@ -849,10 +855,7 @@ class Supervisor:
         could not say."""
         keys = Keys(self.prefix)
         try:
-            if self._raw_client is None:
-                self._raw_client = connect(self.redis_url, decode_responses=False,
-                                           socket_timeout=2.0, socket_connect_timeout=1.0)
-            r = self._raw_client
+            r = self._raw()
             rows = r.xinfo_consumers(keys.plans, GROUP_GOVERNOR)
             listed = {_text(row["name"]): int(row["pending"]) for row in rows}
             pending = r.xpending_range(keys.plans, GROUP_GOVERNOR, min="-", max="+",
