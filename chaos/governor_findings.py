@@ -24,7 +24,8 @@ def governor_findings(events: Iterable[Mapping[str, Any]]) -> list[dict[str, Any
     ``last_returncode``, ``served`` (it was seen in the plan group: a crash loop after that
     is a finding, not a start failure), ``pending`` (entries it held at its last crash) and
     ``suspect``: the pending entry with the highest delivery count seen after any of its
-    crashes (``id``, ``deliveries``, ``fields`` escaped where not UTF-8, ``non_utf8``), or
+    crashes (``id``, ``deliveries``, ``fields`` escaped where not UTF-8, ``non_utf8``, and
+    ``tied``: the other entries delivered as often, read in the same batch), or
     None when it held nothing (or Redis could not be asked: ``evidence_error``). Also an
     instance that never crashed but was never seen in group ``governor`` by the end of the
     run (``never_in_group``: it was ready only by staying up; did it read the stream?)."""
@@ -70,9 +71,18 @@ def governor_findings(events: Iterable[Mapping[str, Any]]) -> list[dict[str, Any
             if top and (best is None or int(top.get("deliveries") or 0)
                         >= int(best.get("deliveries") or 0)):
                 e["suspect"] = {k: top.get(k) for k in ("id", "deliveries", "fields",
-                                                        "non_utf8")}
+                                                        "non_utf8", "tied", "tied_total")}
     found = [e for e in per.values() if e["crashes"] or e["never_in_group"]]
     return sorted(found, key=lambda e: (-e["crashes"], e["consumer"]))
+
+
+def _entry(e: Mapping[str, Any]) -> str:
+    """``id: field=value, ...`` with the fields that are not UTF-8 named."""
+    fields = e.get("fields")
+    text = ("(entry deleted)" if fields is None
+            else ", ".join(f"{k}={v}" for k, v in fields.items()))
+    bad = f" [not UTF-8: {', '.join(e['non_utf8'])}]" if e.get("non_utf8") else ""
+    return f"{e.get('id')}: {text}{bad}"
 
 
 def describe(finding: Mapping[str, Any]) -> str:
@@ -85,12 +95,13 @@ def describe(finding: Mapping[str, Any]) -> str:
             f"{finding['starts']} start(s), last return code {finding.get('last_returncode')}")
     s = finding.get("suspect")
     if s:
-        fields = s.get("fields")
-        shown = ("(entry deleted)" if fields is None
-                 else ", ".join(f"{k}={v}" for k, v in fields.items()))
-        line += (f"; pending entry {s['id']} delivered {s['deliveries']} times: {shown}")
-        if s.get("non_utf8"):
-            line += f" [not UTF-8: {', '.join(s['non_utf8'])}]"
+        tied = s.get("tied") or []
+        total = s.get("tied_total") or 1 + len(tied)
+        line += (f"; pending entry {_entry(s)} delivered {s['deliveries']} times"
+                 if total == 1 else
+                 f"; {total} pending entries delivered {s['deliveries']} times each (read "
+                 f"together): " + "; ".join(_entry(t) for t in [s, *tied])
+                 + (f"; and {total - 1 - len(tied)} more" if total > 1 + len(tied) else ""))
     elif finding.get("evidence_error"):
         line += f"; its pending entries could not be read ({finding['evidence_error']})"
     else:

@@ -782,6 +782,15 @@ class Supervisor:
                                                name=f"supervisor-evidence-{self.prefix}")
             self._inspector.start()
 
+    def _raw(self) -> redis.Redis:
+        """A bytes client for evidence (fields may be non-UTF-8), short timeouts; one for the
+        inspector thread and stop() alike (creating it does no I/O)."""
+        with self._lock:
+            if self._raw_client is None:
+                self._raw_client = connect(self.redis_url, decode_responses=False,
+                                           socket_timeout=2.0, socket_connect_timeout=1.0)
+            return self._raw_client
+
     def _record_membership(self) -> None:
         """Before stopping: for each instance that was ready only by staying up and was never
         seen in the plan group, one ``membership`` event saying whether it is listed now. A
@@ -794,10 +803,7 @@ class Supervisor:
         if not unseen:
             return
         try:
-            if self._raw_client is None:
-                self._raw_client = connect(self.redis_url, decode_responses=False,
-                                           socket_timeout=2.0, socket_connect_timeout=1.0)
-            rows = self._raw_client.xinfo_consumers(Keys(self.prefix).plans, GROUP_GOVERNOR)
+            rows = self._raw().xinfo_consumers(Keys(self.prefix).plans, GROUP_GOVERNOR)
         except (redis.RedisError, OSError) as exc:
             log.info("supervisor: group membership not readable at stop: %s", exc)
             return
@@ -837,19 +843,20 @@ class Supervisor:
                 self._emit("pending", inst, start_no=start_no, **evidence)
             self._flush()
 
-    def pending_evidence(self, consumer: str, limit: int = 100) -> dict[str, Any]:
+    def pending_evidence(self, consumer: str, limit: int = 100,
+                         max_tied: int = 10) -> dict[str, Any]:
         """What ``consumer`` holds pending in group ``governor`` (``XPENDING``), read
         bytes-safe: ``pending`` (count), ``listed`` (whether XINFO CONSUMERS lists it),
         ``entries`` (``[id, delivery count]``, the ``limit`` oldest, highest counts first,
         at most 10 kept) and ``top``: the entry with the highest delivery count, with its
-        fields (``XRANGE``) escaped where they are not UTF-8 (named in ``non_utf8``);
-        ``error`` instead when Redis could not say."""
+        fields (``XRANGE``) escaped where they are not UTF-8 (named in ``non_utf8``). Entries
+        read in one batch share their count, and any of them may be the one the governor
+        cannot take: the others with that count go in ``top["tied"]`` (fields too, at most
+        ``max_tied`` in all; ``tied_total`` says how many). ``error`` instead when Redis
+        could not say."""
         keys = Keys(self.prefix)
         try:
-            if self._raw_client is None:
-                self._raw_client = connect(self.redis_url, decode_responses=False,
-                                           socket_timeout=2.0, socket_connect_timeout=1.0)
-            r = self._raw_client
+            r = self._raw()
             rows = r.xinfo_consumers(keys.plans, GROUP_GOVERNOR)
             listed = {_text(row["name"]): int(row["pending"]) for row in rows}
             pending = r.xpending_range(keys.plans, GROUP_GOVERNOR, min="-", max="+",
@@ -860,18 +867,26 @@ class Supervisor:
             top: dict[str, Any] | None = None
             if entries:
                 entry_id, deliveries, idle_ms = entries[0]
-                found = r.xrange(keys.plans, min=entry_id, max=entry_id, count=1)
-                raw_fields = found[0][1] if found else None
+                tied = [e[0] for e in entries if e[1] == deliveries]
+                shown = [self._entry_fields(r, keys.plans, i) for i in tied[:max_tied]]
                 top = {"id": entry_id, "deliveries": deliveries, "idle_ms": idle_ms,
-                       "fields": None, "non_utf8": []}
-                if raw_fields is not None:  # None: the entry was deleted (XDEL, trimmed)
-                    top["fields"] = {_escaped(k): _escaped(v) for k, v in raw_fields.items()}
-                    top["non_utf8"] = sorted(_escaped(k) for k, v in raw_fields.items()
-                                             if not (_is_utf8(k) and _is_utf8(v)))
+                       **shown[0], "tied": shown[1:], "tied_total": len(tied)}
         except (redis.RedisError, OSError) as exc:
             return {"error": f"{type(exc).__name__}: {exc}"}
         return {"pending": listed.get(consumer, len(entries)), "listed": consumer in listed,
                 "entries": [[e[0], e[1]] for e in entries[:10]], "top": top}
+
+    @staticmethod
+    def _entry_fields(r: redis.Redis, stream: str, entry_id: str) -> dict[str, Any]:
+        """``id``, ``fields`` (None when the entry was deleted or trimmed) and ``non_utf8``."""
+        found = r.xrange(stream, min=entry_id, max=entry_id, count=1)
+        raw = found[0][1] if found else None
+        if raw is None:
+            return {"id": entry_id, "fields": None, "non_utf8": []}
+        return {"id": entry_id,
+                "fields": {_escaped(k): _escaped(v) for k, v in raw.items()},
+                "non_utf8": sorted(_escaped(k) for k, v in raw.items()
+                                   if not (_is_utf8(k) and _is_utf8(v)))}
 
     def _raise_if_failed(self) -> None:
         with self._lock:

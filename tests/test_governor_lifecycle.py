@@ -193,12 +193,15 @@ def test_poison_pill_run_is_invalid_and_names_the_entry(tmp_path: Path) -> None:
     assert findings and all(f["served"] and f["crashes"] >= 2 for f in findings)
     suspects = [f["suspect"] for f in findings if f["suspect"]]
     assert suspects
-    for s in suspects:
-        assert s["non_utf8"] and "\\x" in "".join(s["fields"][k] for k in s["non_utf8"])
+    for s in suspects:  # a batch read together shares its delivery count: one is poison
         assert s["deliveries"] >= 2
+        poison = [e for e in [s, *s["tied"]] if e["non_utf8"]]
+        assert poison, s
+        assert "\\x" in "".join(poison[0]["fields"][k] for k in poison[0]["non_utf8"])
     report = (out / "report.md").read_text()
     assert "## Governor findings" in report
-    assert any(s["fields"]["plan_id"] in report and s["id"] in report for s in suspects)
+    assert any(e["fields"]["plan_id"] in report and e["id"] in report and "\\xff" in report
+               for s in suspects for e in [s, *s["tied"]] if e["non_utf8"])
     logs = (out / "logs" / f"{findings[0]['consumer']}.log").read_text()
     assert logs.count("supervisor: start #") >= 3 and "UnicodeDecodeError" in logs
     # a stored run shows the same: chaos check rewrites results.json from the history
