@@ -253,3 +253,18 @@ def test_every_fault_kind_declares_its_parameters() -> None:
                                                                      "latency_ms = 40"))
     s = scn.parse(text)
     assert s.faults[0].params == {"latency_ms": 40.0}
+
+
+def test_the_fault_parameter_table_names_what_the_nemesis_reads() -> None:
+    """FAULT_PARAMS is the one list of each fault's parameters: every name the nemesis
+    reads from a spec's params must be in it (else a valid parameter would be refused),
+    and every name in it must be read (else a typo-like name would be accepted)."""
+    import re
+
+    import chaos.nemesis as nem
+
+    src = Path(nem.__file__).read_text()
+    read = set(re.findall(r'_num\(self\.params, "(\w+)"', src))
+    read |= set(re.findall(r'self\.params\.get\("(\w+)"', src))
+    declared = {name for params in scn.FAULT_PARAMS.values() for name in params}
+    assert read == declared
