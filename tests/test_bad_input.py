@@ -252,7 +252,7 @@ def test_every_fault_kind_declares_its_parameters() -> None:
     text = small_scenario("ok", 3, "[redis]\nproxy = true\n" + fault("latency",
                                                                      "latency_ms = 40"))
     s = scn.parse(text)
-    assert s.faults[0].params == {"latency_ms": 40.0}
+    assert s.faults[0].params == {"latency_ms": 40}
 
 
 def test_the_fault_parameter_table_names_what_the_nemesis_reads() -> None:
