@@ -306,6 +306,11 @@ def _suite(args: argparse.Namespace) -> int:
         if args.governor_cmd is not None and not args.governor_cmd.strip():
             raise scn.ScenarioError("--governor-cmd: must not be empty")
         redis_kind = _redis_args(args)
+        if args.out is not None and (args.out.exists() and not args.out.is_dir() or any(
+                args.out.glob("summary.json")) or any(args.out.glob("*/history/*.jsonl"))):
+            # Each scenario's run directory would be refused (or, before, merged) one by one.
+            raise scn.ScenarioError(f"--out {args.out} already holds a suite or is not a "
+                                    f"directory; give a new directory")
     except scn.ScenarioError as exc:
         print(f"chaos suite: {exc}", file=sys.stderr)
         return EXIT_BAD_ARGS

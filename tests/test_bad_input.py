@@ -171,6 +171,15 @@ def test_chaos_suite_refuses(tmp_path: Path, args: list[str], field: str) -> Non
     assert_refused(p, took, tmp_path, field)
 
 
+def test_chaos_suite_refuses_an_out_that_holds_a_suite(tmp_path: Path) -> None:
+    out = tmp_path / "suite"
+    (out / "open-storm" / "history").mkdir(parents=True)
+    (out / "open-storm" / "history" / "runner.jsonl").write_text("{}\n")
+    p, took = chaos(tmp_path, "suite", "--quick", "--out", str(out))
+    assert_refused(p, took, tmp_path, "--out")
+    assert sorted(x.name for x in out.iterdir()) == ["open-storm"]
+
+
 def test_chaos_import_refuses_a_stream_id_above_2_64(tmp_path: Path) -> None:
     out = tmp_path / "o"
     p, took = chaos(tmp_path, "import", "--redis-url", "redis://127.0.0.1:1/0", "--prefix", "q",
