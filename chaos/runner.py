@@ -169,7 +169,10 @@ class Run:
                 if h is not self._log_handler and isinstance(h, logging.StreamHandler):
                     h.setLevel(logging.WARNING)
         if self.sc.source and Path(self.sc.source).is_file():
-            (d / "scenario.toml").write_text(Path(self.sc.source).read_text())
+            text = Path(self.sc.source).read_text()
+            if self.sc.redis.url:  # as given, but never with a password
+                text = text.replace(self.sc.redis.url, _redact(self.sc.redis.url))
+            (d / "scenario.toml").write_text(text)
         if self.opts.out is None:
             _link_latest(d)
         self.write_meta(
