@@ -210,6 +210,12 @@ def _run(args: argparse.Namespace) -> int:
         sc = scn.load(args.scenario).with_overrides(seed=args.seed, duration_s=args.duration,
                                                     governors=args.governors)
         redis_kind = _redis_args(args)
+        kind = redis_kind or sc.redis.kind
+        if kind == "url" and not (args.redis_url or sc.redis.url):
+            raise scn.ScenarioError("redis.kind = 'url' needs --redis-url URL (or redis.url)")
+        if sc.redis.topology == "sentinel" and kind != "embedded":
+            raise scn.ScenarioError(f"redis.topology: sentinel is only available embedded, "
+                                    f"not --redis {kind}")
         if not (math.isfinite(args.probe_max_wait) and 0 <= args.probe_max_wait <= 3600):
             raise scn.ScenarioError("--probe-max-wait: must be within 0..3600 seconds")
         if args.governor_cmd is not None and not args.governor_cmd.strip():

@@ -117,6 +117,9 @@ SCENARIO_CASES = [
     (None, None, ["--redis", "embedded", "--redis-url", "redis://127.0.0.1:1/0"],
      "--redis-url"),
     (None, None, ["--governor-cmd", " "], "--governor-cmd"),
+    ("redis-kind-url-without-url", sc('[redis]\nkind = "url"'), [], "--redis-url"),
+    ("sentinel-on-a-url-redis", sc('[redis]\ntopology = "sentinel"'),
+     ["--redis-url", "redis://127.0.0.1:1/0"], "redis.topology"),
 ]
 
 
