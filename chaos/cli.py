@@ -239,13 +239,19 @@ def _run(args: argparse.Namespace) -> int:
     import math
 
     from chaos import scenario as scn
-    from chaos.redis_servers import RedisProviderError, redact_url
+    from chaos.redis_servers import RedisProviderError
     from chaos.runner import HarnessError, RunOptions, check_out, run
 
     try:
         sc = scn.load(args.scenario).with_overrides(seed=args.seed, duration_s=args.duration,
                                                     governors=args.governors)
         redis_kind = _redis_args(args)
+        kind = redis_kind or sc.redis.kind
+        if kind == "url" and not (args.redis_url or sc.redis.url):
+            raise scn.ScenarioError("redis.kind = 'url' needs --redis-url URL (or redis.url)")
+        if sc.redis.topology == "sentinel" and kind != "embedded":
+            raise scn.ScenarioError(f"redis.topology: sentinel is only available embedded, "
+                                    f"not --redis {kind}")
         if not (math.isfinite(args.probe_max_wait) and 0 <= args.probe_max_wait <= 3600):
             raise scn.ScenarioError("--probe-max-wait: must be within 0..3600 seconds")
         if args.governor_cmd is not None and not args.governor_cmd.strip():
@@ -275,12 +281,6 @@ def _run(args: argparse.Namespace) -> int:
     except scn.ScenarioError as exc:
         print(f"chaos run: {exc}", file=sys.stderr)
         return EXIT_BAD_ARGS
-    except ValueError as exc:  # e.g. redis-py refusing a URL: one line, password masked
-        msg = " ".join(str(exc).split())
-        if url:
-            msg = msg.replace(url, redact_url(url))
-        print(f"chaos run: {msg}", file=sys.stderr)
-        return EXIT_HARNESS
     print(f"run directory: {res.run_dir}")
     print(f"status: {res.status}")
     for k, v in res.stats.items():
@@ -342,6 +342,11 @@ def _suite(args: argparse.Namespace) -> int:
         if args.governor_cmd is not None and not args.governor_cmd.strip():
             raise scn.ScenarioError("--governor-cmd: must not be empty")
         redis_kind = _redis_args(args)
+        if args.out is not None and (args.out.exists() and not args.out.is_dir() or any(
+                args.out.glob("summary.json")) or any(args.out.glob("*/history/*.jsonl"))):
+            # Each scenario's run directory would be refused (or, before, merged) one by one.
+            raise scn.ScenarioError(f"--out {args.out} already holds a suite or is not a "
+                                    f"directory; give a new directory")
     except scn.ScenarioError as exc:
         print(f"chaos suite: {exc}", file=sys.stderr)
         return EXIT_BAD_ARGS

@@ -213,7 +213,10 @@ class Run:
             if h.level > logging.INFO:
                 h.addFilter(self._quiet)
         if self.sc.source and Path(self.sc.source).is_file():
-            (d / "scenario.toml").write_text(Path(self.sc.source).read_text())
+            text = Path(self.sc.source).read_text()
+            if self.sc.redis.url:  # as given, but never with a password
+                text = text.replace(self.sc.redis.url, _redact(self.sc.redis.url))
+            (d / "scenario.toml").write_text(text)
         if self.opts.out is None:
             _link_latest(d)
         self.write_meta(

@@ -357,12 +357,13 @@ def _fmt(x: float) -> str:
     return str(x) if isinstance(x, int) else f"{x:g}"
 
 
-def _check_ranges(obj: Any, section: str) -> None:
-    """Every field of a section dataclass that has a range in FIELD_RANGES."""
+def _check_ranges(obj: Any, section: str, where: str | None = None) -> None:
+    """Every field of a section dataclass that has a range in FIELD_RANGES (``where``
+    names the table in errors, e.g. ``workload[1]``; by default the section)."""
     for f in fields(obj):
         rng = FIELD_RANGES.get(f"{section}.{f.name}")
         if rng is not None:
-            _within(getattr(obj, f.name), f"{section}.{f.name}", *rng)
+            _within(getattr(obj, f.name), f"{where or section}.{f.name}", *rng)
 
 
 def _check_target(target: str, governors: int, where: str, why: str = "") -> None:
@@ -481,7 +482,7 @@ def from_dict(raw: dict[str, Any], source: str | None = None) -> Scenario:
         if spec.kind not in WORKLOAD_KINDS:
             raise ScenarioError(f"workload[{i}].kind: unknown workload {spec.kind!r}; known: "
                                 f"{', '.join(sorted(WORKLOAD_KINDS))}")
-        _check_ranges(spec, "workload")
+        _check_ranges(spec, "workload", f"workload[{i}]")
         _check_workload_params(spec, f"workload[{i}]", m.symbols, kwargs.get("seed", 1),
                                duration_s, config)
         workloads.append(spec)
@@ -509,15 +510,13 @@ def from_dict(raw: dict[str, Any], source: str | None = None) -> Scenario:
             raise ScenarioError(f"{where}.target: {spec.kind} does not act on a governor; "
                                 f"target applies to {', '.join(sorted(GOVERNOR_FAULTS))}")
         known = FAULT_PARAMS[spec.kind]
-        params = {}
         for k, v in spec.params.items():
             if k not in known:
                 fixed = "at, duration, every, kind, target"
                 extra = f", {', '.join(sorted(known))}" if known else ""
                 raise ScenarioError(f"{where}.{k}: unknown parameter of {spec.kind}; known: "
                                     f"{fixed}{extra}")
-            params[k] = known[k].check(v, f"{where}.{k}")
-        spec = replace(spec, params=params)
+            known[k].check(v, f"{where}.{k}")  # values kept as written (history shows them)
         if spec.kind == "failover" and r.topology != "sentinel":
             raise ScenarioError(f"fault[{i}].kind: failover needs redis.topology = 'sentinel'")
         if spec.kind in ("latency", "drop", "partition") and not r.proxy:

@@ -81,9 +81,9 @@ SCENARIO_CASES = [
      "notional_min"),
     ("workload-param-range", sc('\n[[workload]]\nkind = "stale"\nstale_fraction = 2\n'), [],
      "stale_fraction"),
-    ("workload-rate-huge", sc(replace=("rate = 200", "rate = 1e12")), [], "workload.rate"),
+    ("workload-rate-huge", sc(replace=("rate = 200", "rate = 1e12")), [], "workload[0].rate"),
     ("workload-processes-huge", sc(replace=("processes = 2", "processes = 100000")), [],
-     "workload.processes"),
+     "workload[0].processes"),
     ("duration-nan-in-file", sc(replace=(DUR_LINE, "duration_s = nan")), [], "duration_s"),
     ("duration-inf-in-file", sc(replace=(DUR_LINE, "duration_s = inf")), [], "duration_s"),
     ("governors-huge", sc(replace=(GOV_LINE, "governors = 100000")), [], "governors"),
@@ -117,6 +117,9 @@ SCENARIO_CASES = [
     (None, None, ["--redis", "embedded", "--redis-url", "redis://127.0.0.1:1/0"],
      "--redis-url"),
     (None, None, ["--governor-cmd", " "], "--governor-cmd"),
+    ("redis-kind-url-without-url", sc('[redis]\nkind = "url"'), [], "--redis-url"),
+    ("sentinel-on-a-url-redis", sc('[redis]\ntopology = "sentinel"'),
+     ["--redis-url", "redis://127.0.0.1:1/0"], "redis.topology"),
 ]
 
 
@@ -169,6 +172,15 @@ def test_a_non_utf8_scenario_file_is_refused(tmp_path: Path) -> None:
 def test_chaos_suite_refuses(tmp_path: Path, args: list[str], field: str) -> None:
     p, took = chaos(tmp_path, "suite", "--quick", *args)
     assert_refused(p, took, tmp_path, field)
+
+
+def test_chaos_suite_refuses_an_out_that_holds_a_suite(tmp_path: Path) -> None:
+    out = tmp_path / "suite"
+    (out / "open-storm" / "history").mkdir(parents=True)
+    (out / "open-storm" / "history" / "runner.jsonl").write_text("{}\n")
+    p, took = chaos(tmp_path, "suite", "--quick", "--out", str(out))
+    assert_refused(p, took, tmp_path, "--out")
+    assert sorted(x.name for x in out.iterdir()) == ["open-storm"]
 
 
 def test_chaos_import_refuses_a_stream_id_above_2_64(tmp_path: Path) -> None:
@@ -252,4 +264,19 @@ def test_every_fault_kind_declares_its_parameters() -> None:
     text = small_scenario("ok", 3, "[redis]\nproxy = true\n" + fault("latency",
                                                                      "latency_ms = 40"))
     s = scn.parse(text)
-    assert s.faults[0].params == {"latency_ms": 40.0}
+    assert s.faults[0].params == {"latency_ms": 40}
+
+
+def test_the_fault_parameter_table_names_what_the_nemesis_reads() -> None:
+    """FAULT_PARAMS is the one list of each fault's parameters: every name the nemesis
+    reads from a spec's params must be in it (else a valid parameter would be refused),
+    and every name in it must be read (else a typo-like name would be accepted)."""
+    import re
+
+    import chaos.nemesis as nem
+
+    src = Path(nem.__file__).read_text()
+    read = set(re.findall(r'_num\(self\.params, "(\w+)"', src))
+    read |= set(re.findall(r'self\.params\.get\("(\w+)"', src))
+    declared = {name for params in scn.FAULT_PARAMS.values() for name in params}
+    assert read == declared

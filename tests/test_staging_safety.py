@@ -82,17 +82,20 @@ def secured(redis_server: EmbeddedRedis):  # type: ignore[no-untyped-def]
     admin.close()
 
 
-@pytest.mark.parametrize("form", ["query", "user"])
+@pytest.mark.parametrize("form", ["query", "user", "scenario"])
 def test_a_run_writes_no_password(tmp_path: Path, secured: EmbeddedRedis, form: str) -> None:
+    """``query``: ``--redis-url ...?password=``; ``user``: ``redis://default:pw@``;
+    ``scenario``: the URL in the scenario file's ``[redis]`` table."""
     host, port = secured.address
     url = (f"redis://{host}:{port}/0?password={SECRET}" if form == "query"
            else f"redis://default:{SECRET}@{host}:{port}/0")
     spec = tmp_path / "s.toml"
-    spec.write_text(small_scenario("pw", 1.5))
+    extra = f'\n[redis]\nkind = "url"\nurl = "{url}"\n' if form == "scenario" else ""
+    spec.write_text(small_scenario("pw", 1.5, extra))
     out = tmp_path / "run"
+    url_args = [] if form == "scenario" else ["--redis-url", url]
     p = subprocess.run([sys.executable, "-m", "chaos", "run", "--scenario", str(spec),
-                        "--redis-url", url, "--out", str(out), "--quiet",
-                        "--probe-max-wait", "5"],
+                        *url_args, "--out", str(out), "--quiet", "--probe-max-wait", "5"],
                        capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert p.returncode == 0, p.stdout + p.stderr
     assert SECRET not in p.stdout + p.stderr
