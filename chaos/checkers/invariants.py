@@ -609,7 +609,8 @@ def _results_sent(facts: Facts, symbols: set[str], until_ms: int) -> dict[str, d
 def _explain_liveness(facts: Facts, vs: list[Violation],
                       failed: list[tuple[str, dict[str, Any]]]) -> list[Violation]:
     """What the exchange held when the probe was answered, against the governor's answer,
-    and the last releases (apply results) for the symbols concerned."""
+    and the last releases (apply results) for the symbols concerned. The violation's time
+    becomes that answer's (the probe phase starts with a wait for every TTL to lapse)."""
     cfg = facts.config
     probe_ms = facts.phases.get("probe", {}).get("invoke", 0)
     permits = [d for pid, d in facts.permits().items() if pid not in facts.probes]
@@ -671,7 +672,7 @@ def _explain_liveness(facts: Facts, vs: list[Violation],
         missing = sorted(s for s in symbols if s not in sent)
         if missing:
             text += f"; no result sent for {', '.join(missing)}"
-        out.append(replace(v, wall_ms=v.wall_ms or at, message=f"{v.message}: {text}",
+        out.append(replace(v, wall_ms=at, message=f"{v.message}: {text}",
                            events=tuple(events + releases), faults=tuple(facts.fault_at(at))))
     return out
 
