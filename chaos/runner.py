@@ -370,6 +370,7 @@ class Run:
             self.start_load(t0)
             self._wait(t0, self.sc.duration_s)
             self._stop_load()
+            self._require_governors_read()
             phases.ok(F.PHASE, key="workload")
             phases.invoke(F.PHASE, key="heal")
             if self.nemesis is not None:
@@ -408,6 +409,27 @@ class Run:
         finally:
             self.teardown(result)
         return result
+
+    def _require_governors_read(self) -> None:
+        """Once the load has run, every governor must have read the plan stream as the
+        consumer it was named: one that never did (a wrong ``REDIS_URL`` or prefix, a command
+        that only sleeps, another consumer name) did not start, whatever it says; judging its
+        run would blame it for plans it never saw. When *no* instance ever read, that is a
+        harness error (exit 255, as a command that exits at once); when some did, the others
+        are named in the findings (``membership`` events at stop)."""
+        if self.supervisor is None or not self.sc.workloads:
+            return
+        seen = self.supervisor.never_in_group()
+        if seen is None:
+            return  # Redis cannot say now (a fault may hold it): the findings will tell
+        unseen, listed = seen
+        if unseen and len(unseen) == len(self.supervisor.consumers):
+            assert self.keys is not None
+            raise HarnessError(
+                f"the governor under test did not start: no instance read {self.keys.plans} "
+                f"as its GOVERNOR_CONSUMER in group {GROUP_GOVERNOR!r} during the load "
+                f"(consumers the group lists: {', '.join(listed) or 'none'}); see "
+                f"{self.run_dir / 'logs'}/gov-*.log")
 
     def _wait(self, t0: float, duration: float) -> None:
         while (elapsed := time.monotonic() - t0) < duration:

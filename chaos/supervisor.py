@@ -791,6 +791,28 @@ class Supervisor:
                                            socket_timeout=2.0, socket_connect_timeout=1.0)
             return self._raw_client
 
+    def never_in_group(self) -> tuple[list[str], list[str]] | None:
+        """The instances never seen in group ``governor`` so far (asked now), and every
+        consumer the group lists; None when Redis cannot say.
+
+        The harness asks this once the load has run: by then a governor that reads the
+        plan stream under its ``GOVERNOR_CONSUMER`` name is listed (even on Redis 6.2,
+        where a consumer blocked in its first ``XREADGROUP ... >`` is listed once that read
+        returns). An instance ready only by staying up and still not listed never read the
+        stream it was started for."""
+        try:
+            rows = self._raw().xinfo_consumers(Keys(self.prefix).plans, GROUP_GOVERNOR)
+        except (redis.RedisError, OSError) as exc:
+            log.info("supervisor: group membership not readable: %s", exc)
+            return None
+        listed = sorted(_text(row["name"]) for row in rows)
+        with self._lock:
+            for inst in self._instances.values():
+                if inst.consumer in listed:
+                    inst.in_group = True
+            unseen = sorted(c for c, inst in self._instances.items() if not inst.in_group)
+        return unseen, listed
+
     def _record_membership(self) -> None:
         """Before stopping: for each instance that was ready only by staying up and was never
         seen in the plan group, one ``membership`` event saying whether it is listed now. A

@@ -232,6 +232,22 @@ def test_command_that_never_starts_is_still_exit_255(tmp_path: Path, command: st
     assert not (out / "results.json").exists(), "no verdict on a governor that never ran"
 
 
+@pytest.mark.parametrize("command", [
+    "sleep 600",  # stays up, never reads: ready by the grace period only
+    # reads the plan stream, but as another consumer than the GOVERNOR_CONSUMER it was given
+    f"env GOVERNOR_CONSUMER=somebody-else {MINIMAL}",
+])
+def test_command_that_stays_up_but_never_reads_its_stream_is_exit_255(
+        tmp_path: Path, command: str) -> None:
+    out = tmp_path / "run"
+    p = chaos("run", "--scenario", "open-storm", "--duration", "3", "--no-report", "--quiet",
+              "--governors", "2", "--governor-cmd", command, "--out", str(out), timeout=120)
+    assert p.returncode == 255, p.stdout + p.stderr
+    assert "did not start" in p.stderr and "no instance read" in p.stderr, p.stderr
+    assert not (out / "results.json").exists(), "no verdict on a governor that never ran"
+    assert json.loads((out / "run.json").read_text())["status"] == "harness_error"
+
+
 def test_grace_period_must_be_positive_and_test_governors_executable(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="ready_grace_s"):
         Supervisor(GovernorSpec("true"), "redis://127.0.0.1:1/0", "p", 1, tmp_path,
