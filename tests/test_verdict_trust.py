@@ -148,11 +148,10 @@ def test_a_hold_decision_in_a_history_scanned_in_parallel_is_judged(story: Story
     with an action outside the protocol must survive that trip too."""
     from chaos.checkers import gather, run_checkers
 
-    _open(story, 100, "o1", "AAUSDT")
-    story.submit(300, "h1", "BBUSDT")
-    story.decide(305, "h1", "BBUSDT", action="HOLD")
     for i in range(40):
-        _open(story, 1000 + i * 100, f"x{i}", f"X{i:02d}USDT")
+        _open(story, 100 + i * 100, f"x{i}", f"X{i:02d}USDT")
+    story.submit(9000, "h1", "BBUSDT")
+    story.decide(9005, "h1", "BBUSDT", action="HOLD")  # in the second worker's share
     story.check()
     facts = gather(story.dir, workers=2)
     res = run_checkers(facts)
@@ -264,8 +263,8 @@ def test_a_governor_that_permits_nothing_of_the_workload_is_unknown_with_the_rea
     """Every invariant holds against a governor that BLOCKs every workload plan (it lets
     the liveness probe through): nothing was exercised, so the run is UNKNOWN, exit 2."""
     rc, text, res = _chaos_run(tmp_path, "block_all_governor.py")
-    cov = res["coverage"]
     assert rc == 2, text
+    cov = res["coverage"]
     assert "not exercised: no plan was permitted" in text
     assert cov["exercised"] is False and cov["permits"] == 0 and cov["plans_decided"] > 100
     assert cov["probe_permits_executed"] > 0
@@ -276,8 +275,9 @@ def test_a_governor_that_writes_informational_entries_is_valid_with_its_coverage
         tmp_path: Path) -> None:
     """The reference plus HEARTBEAT / INFO entries with ``decided_at_ms`` = "n/a"."""
     rc, text, res = _chaos_run(tmp_path, "chatty_governor.py")
-    cov = res["coverage"]
     assert rc == 0, text
+    assert res["stats"]["orders"] > 10, res["stats"]  # the apply layer kept executing
+    cov = res["coverage"]
     assert cov["exercised"] is True and cov["permits_executed"] > 10, cov
     assert cov["plans_decided"] == cov["plans_added"] > 100
     infos = 0
