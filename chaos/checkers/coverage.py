@@ -16,9 +16,11 @@ Thresholds (see docs/harness.md, "Coverage"):
 * a producer that sent fewer than :data:`MIN_SENT_FRACTION` of the plans its workload
   asks for (rate x duration; ``duplicate_close`` one plan per period at least) is
   stuck. Each producer runs ``duration_s`` from its own start, so start-up time does not
-  count against it; a Redis fault stalls it without a catch-up burst (redis-pause stops
-  Redis for 6 of 14 s), hence a quarter and not a figure near 1. A rate of 0 ("as fast
-  as possible") has no expected count: such a producer only has to send something;
+  count against it; but a producer that falls behind gets no catch-up burst, a loaded
+  host slows it (open-storm's 4 x 250 plans/s came out at about half on a busy 2-core
+  machine) and a Redis fault stalls it (redis-pause stops Redis for 6 of 14 s): hence a
+  low bar, which a stuck producer (near 0) still fails. A rate of 0 ("as fast as
+  possible") has no expected count: such a producer only has to send something;
 * a producer that wrote no summary (``workloads/*.json``, written at its exit) did not
   finish: stuck, or killed at teardown;
 * no plan a correct governor would permit was permitted (when the scenario sends any:
@@ -132,6 +134,7 @@ def coverage(facts: Facts) -> dict[str, Any]:
         "permits": len(permits) - len(probe_permits),
         "permits_executed": executed - probe_reached,
         "permits_unhandled": max(0, len(permits) - executed - len(outcome_only)),
+        "probe_permits_executed": probe_reached,
         "faults_scheduled": None,
         "faults_applied": sum(1 for w in facts.faults if w.ok),
         "faults_failed": sum(1 for w in facts.faults if not w.ok),
