@@ -50,6 +50,18 @@ class ScenarioOutcome:
     error: str | None = None
     messages: list[str] = field(default_factory=list)
     interrupted: bool = False  # Ctrl-C / SIGTERM during this scenario: its verdict is unknown
+    # What the run exercised (results.json ``coverage``), and why it is unknown when it is
+    coverage: dict[str, Any] = field(default_factory=dict)
+    unknown_because: list[str] = field(default_factory=list)
+
+    @property
+    def exercised(self) -> str:
+        """``sent/decided/executed, faults`` in a few characters, for the table."""
+        c = self.coverage
+        if not c:
+            return ""
+        return (f"{c.get('plans_sent', 0)}/{c.get('plans_decided', 0)}/"
+                f"{c.get('permits_executed', 0)} f{c.get('faults_applied', 0)}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "seed": self.seed,
@@ -57,7 +69,14 @@ class ScenarioOutcome:
                 "violations": self.violations, "time_to_first_violation_s":
                 self.first_violation_s, "seconds": round(self.seconds, 1),
                 "run_dir": str(self.run_dir), "error": self.error,
-                "interrupted": self.interrupted}
+                "interrupted": self.interrupted, "unknown_because": self.unknown_because,
+                "coverage": {k: v for k, v in self.coverage.items()
+                             if k in _COVERAGE_FIGURES}}
+
+
+# The coverage figures a suite summary carries per run (results.json has them all).
+_COVERAGE_FIGURES = ("plans_expected", "plans_sent", "plans_decided", "permits",
+                     "permits_executed", "faults_scheduled", "faults_applied", "exercised")
 
 
 class SuiteInterrupted(KeyboardInterrupt):
@@ -148,6 +167,9 @@ def _run_all(out_dir: Path, outcomes: list[ScenarioOutcome], reports: _ReportWri
                 if first is not None:
                     oc.first_violation_s = round(first, 2)
                 oc.messages = [x.message for x in v.violations[:3]]
+                oc.coverage = dict(v.coverage)
+                if oc.valid is None:
+                    oc.unknown_because = _unknown_because(v, res.status)
                 if oc.valid is not True:  # reports where there is something to look at
                     reports.submit(res.run_dir, v)
             except KeyboardInterrupt:
@@ -252,7 +274,17 @@ def _write_report(run_dir: Path, verdict: Verdict) -> None:
     write_report(run_dir, verdict)
 
 
-HEADER = f"{'scenario':<22} {'seed':>4} {'verdict':<8} {'first':>6}  violations"
+def _unknown_because(v: Verdict, status: str) -> list[str]:
+    """Why a run came out unknown, in the words the verdict has for it."""
+    why = [f"run {status}"] if status != "complete" else []
+    why += [f"not exercised: {w}" for w in v.coverage.get("not_exercised") or ()]
+    why += [f"{n}: {r.note or 'unknown'}" for n, r in v.results.items()
+            if r.valid is None and not (r.note or "").startswith("skipped")]
+    return why
+
+
+HEADER = (f"{'scenario':<22} {'seed':>4} {'verdict':<8} {'first':>6}  "
+          f"{'sent/decided/executed faults':<29} violations")
 
 
 def _row(o: ScenarioOutcome) -> str:
@@ -263,7 +295,9 @@ def _row(o: ScenarioOutcome) -> str:
     viol = ", ".join(f"{k} {v}" for k, v in o.violations.items()) or (o.error or "")
     if o.interrupted:
         viol = "interrupted"
-    return f"{o.name:<22} {o.seed:>4} {word:<8} {first:>6}  {viol}"
+    elif o.valid is None and not o.error and not viol:
+        viol = "; ".join(o.unknown_because)
+    return f"{o.name:<22} {o.seed:>4} {word:<8} {first:>6}  {o.exercised:<29} {viol}"
 
 
 def write_summary(out_dir: Path, valid: bool | None, outcomes: list[ScenarioOutcome],
@@ -273,8 +307,9 @@ def write_summary(out_dir: Path, valid: bool | None, outcomes: list[ScenarioOutc
     _atomic(out_dir / "summary.json", json.dumps(data, indent=2))
     lines = [f"# Chaos suite: {governor}", "",
              f"Verdict: **{ {True: 'valid', False: 'INVALID', None: 'unknown'}[valid] }**", "",
-             "| scenario | seed | verdict | time to first violation | violations by invariant |",
-             "|---|---|---|---|---|"]
+             "| scenario | seed | verdict | time to first violation | plans sent / decided, "
+             "permits executed, faults applied | violations by invariant |",
+             "|---|---|---|---|---|---|"]
     if interrupted:
         cut = ("the last was cut short" if any(o.interrupted for o in outcomes)
                else "reports still being written were dropped")
@@ -286,7 +321,12 @@ def write_summary(out_dir: Path, valid: bool | None, outcomes: list[ScenarioOutc
             word = "unknown (interrupted)"
         first = f"{o.first_violation_s:.1f} s" if o.first_violation_s is not None else ""
         viol = ", ".join(f"{k}: {v}" for k, v in o.violations.items()) or (o.error or "")
-        lines.append(f"| {o.name} | {o.seed} | {word} | {first} | {viol} |")
+        if o.valid is None and not o.error and not o.interrupted and not viol:
+            viol = "; ".join(o.unknown_because)
+        c = o.coverage
+        cov = (f"{c.get('plans_sent', 0)} / {c.get('plans_decided', 0)}, "
+               f"{c.get('permits_executed', 0)}, {c.get('faults_applied', 0)}" if c else "")
+        lines.append(f"| {o.name} | {o.seed} | {word} | {first} | {cov} | {viol} |")
     _atomic(out_dir / "summary.md", "\n".join(lines) + "\n")
     write_junit(out_dir / "junit.xml", outcomes)
 
@@ -295,14 +335,20 @@ def write_junit(path: Path, outcomes: list[ScenarioOutcome]) -> None:
     """One test suite per scenario run, one test case per invariant."""
     root = ET.Element("testsuites", name="chaos")
     for o in outcomes:
+        unknown = o.valid is None and not o.error
         ts = ET.SubElement(root, "testsuite", name=f"{o.name}[seed={o.seed}]",
-                           tests=str(len(INVARIANTS)), time=f"{o.seconds:.1f}")
+                           tests=str(len(INVARIANTS) + unknown), time=f"{o.seconds:.1f}")
         for inv in INVARIANTS:
             tc = ET.SubElement(ts, "testcase", classname=o.name, name=inv)
             if o.error:
                 ET.SubElement(tc, "error", message=o.error)
             elif inv in o.violations:
                 ET.SubElement(tc, "failure", message=f"{o.violations[inv]} violations of {inv}")
+        if unknown:
+            # An unknown run is no pass: a CI's JUnit view must not show it green.
+            tc = ET.SubElement(ts, "testcase", classname=o.name, name="verdict")
+            ET.SubElement(tc, "skipped", message="unknown: " + (
+                "interrupted" if o.interrupted else "; ".join(o.unknown_because) or "unknown"))
     ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
 
 

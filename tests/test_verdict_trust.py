@@ -287,3 +287,25 @@ def test_a_governor_that_writes_informational_entries_is_valid_with_its_coverage
         infos += sum(1 for line in f.read_text().splitlines()
                      if '"decision":"INFO"' in line.replace(" ", ""))
     assert infos > 10
+
+
+def test_a_suite_says_why_a_run_is_unknown_and_junit_does_not_show_it_green(
+        tmp_path: Path) -> None:
+    """The suite's table, summary.md, summary.json and junit.xml carry the reason a run is
+    unknown and its coverage figures: an unknown verdict in a CI's JUnit view is no pass."""
+    import xml.etree.ElementTree as ET
+
+    out = tmp_path / "suite"
+    gov = f"python {ROOT / 'tests' / 'governors' / 'block_all_governor.py'}"
+    p = subprocess.run([sys.executable, "-m", "chaos", "suite", "--quick", "--scenario",
+                        "open-storm", "--governor-cmd", gov, "--out", str(out)],
+                       capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "not exercised: no plan was permitted" in p.stdout, p.stdout
+    row = json.loads((out / "summary.json").read_text())["scenarios"][0]
+    assert row["valid"] == "unknown"
+    assert any("no plan was permitted" in w for w in row["unknown_because"]), row
+    assert row["coverage"]["plans_sent"] > 100 and row["coverage"]["permits_executed"] == 0
+    assert "no plan was permitted" in (out / "summary.md").read_text()
+    skipped = ET.parse(out / "junit.xml").getroot().findall(".//testcase/skipped")
+    assert skipped and "no plan was permitted" in skipped[0].get("message", "")
