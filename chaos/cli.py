@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 EXIT_VALID, EXIT_INVALID, EXIT_UNKNOWN, EXIT_BAD_ARGS, EXIT_HARNESS = 0, 1, 2, 254, 255
 
@@ -307,19 +308,27 @@ def _run(args: argparse.Namespace) -> int:
     return verdict.exit_code
 
 
-def _check(run_dir: Path) -> int:
+def _judge(run_dir: Path, command: str) -> Any:
+    """The verdict on a stored run directory, or the exit code after one line saying why
+    it cannot be judged (a damaged or incomplete run is named, never given a verdict)."""
     from chaos.checkers import check_run
 
-    if (code := _preflight(run_dir, "check")) is not None:
+    if (code := _preflight(run_dir, command)) is not None:
         return code
     try:
-        verdict = check_run(run_dir)
+        return check_run(run_dir)
     except _history_error() as exc:
-        print(f"chaos check: {exc}", file=sys.stderr)
+        print(f"chaos {command}: {exc}", file=sys.stderr)
         return EXIT_HARNESS
+
+
+def _check(run_dir: Path) -> int:
+    verdict = _judge(run_dir, "check")
+    if isinstance(verdict, int):
+        return verdict
     print(verdict.summary())
     print(f"written {run_dir / 'results.json'}")
-    return verdict.exit_code
+    return int(verdict.exit_code)
 
 
 def _suite(args: argparse.Namespace) -> int:
@@ -405,20 +414,15 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _report(run_dir: Path) -> int:
-    from chaos.checkers import check_run
     from chaos.report import write_report
 
-    if (code := _preflight(run_dir, "report")) is not None:
-        return code
-    try:
-        verdict = check_run(run_dir)
-    except _history_error() as exc:
-        print(f"chaos report: {exc}", file=sys.stderr)
-        return EXIT_HARNESS
+    verdict = _judge(run_dir, "report")
+    if isinstance(verdict, int):
+        return verdict
     paths = write_report(run_dir, verdict)
     print(verdict.summary())
     print(f"written {paths.md}\nwritten {paths.html}")
-    return verdict.exit_code
+    return int(verdict.exit_code)
 
 
 def _preflight(run_dir: Path, command: str) -> int | None:

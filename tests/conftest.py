@@ -7,6 +7,7 @@ import os
 import signal
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -14,6 +15,7 @@ import pytest
 import redis
 from govtools import Desk
 
+from chaos.exchange import Exchange
 from chaos.redis_servers import EmbeddedRedis, kill_all, running_pids
 
 
@@ -44,6 +46,20 @@ def shared_redis() -> Iterator[EmbeddedRedis]:
     """
     with EmbeddedRedis(name="shared") as server:
         yield server
+
+
+@pytest.fixture
+def r(shared_redis: EmbeddedRedis) -> Iterator[redis.Redis]:
+    """A client of the shared server (keys under ``prefix`` only)."""
+    client = shared_redis.client()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def ex(tmp_path: Path) -> Exchange:
+    """A fresh exchange (ledger in the test's tmp dir) with 1000 USD of capital."""
+    return Exchange.create(tmp_path / "ledger.db", capital=1000)
 
 
 @pytest.fixture

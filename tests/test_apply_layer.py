@@ -86,18 +86,6 @@ def keys(prefix: str) -> Keys:
     return Keys(prefix)
 
 
-@pytest.fixture
-def r(shared_redis: Any) -> Iterator[redis.Redis]:
-    client = shared_redis.client()
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def ex(tmp_path: Path) -> Exchange:
-    return Exchange.create(tmp_path / "ledger.db", capital=1000)
-
-
 def test_a_permit_is_taken_executed_and_reported(shared_redis: Any, r: redis.Redis, keys: Keys,
                                                   ex: Exchange) -> None:
     with running(ApplyLayer(shared_redis.url, keys, ex, FAST)):

@@ -29,11 +29,6 @@ def close(plan_id: str, symbol: str = BTC, side: str = "LONG", notional: str = "
     return Order(plan_id, symbol, "CLOSE", side, notional, **kw)
 
 
-@pytest.fixture
-def ex(tmp_path: Path) -> Exchange:
-    return Exchange.create(tmp_path / "ledger.db", capital=1000)
-
-
 def replay(orders: list[OrderRecord]) -> dict[str, str]:
     """Rebuild the open positions from the ledger alone, checking each recorded effect and
     open count against the state before it; returns symbol -> position_id."""

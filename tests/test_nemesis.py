@@ -129,13 +129,6 @@ def governors(desk: Desk, tmp_path: Path, count: int = 1, **env: str) -> Supervi
                       restart_backoff_s=0.1)
 
 
-@pytest.fixture
-def r(shared_redis: EmbeddedRedis) -> Iterator[redis.Redis]:
-    client = shared_redis.client()
-    yield client
-    client.close()
-
-
 def grant(r: redis.Redis, keys: Keys, plan_id: str, symbol: str = "BTCUSDT") -> None:
     """Play the governor: permit key, then the PERMIT entry."""
     now = time.time_ns() // 1_000_000

@@ -33,18 +33,6 @@ def keys(prefix: str) -> Keys:
     return Keys(prefix)
 
 
-@pytest.fixture
-def r(shared_redis: Any) -> Any:
-    client = shared_redis.client()
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def ex(tmp_path: Path) -> Exchange:
-    return Exchange.create(tmp_path / "ledger.db", capital=1000)
-
-
 def _all_acked(r: redis.Redis, keys: Keys) -> bool:
     g = r.xinfo_groups(keys.events)[0]
     return g["pending"] == 0 and g["last-delivered-id"] == r.xinfo_stream(keys.events)[
