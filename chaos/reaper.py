@@ -138,6 +138,13 @@ def _close_at_exit() -> None:
                 c.proc.wait(timeout=5)
 
 
+def close() -> None:
+    """End this process's watch now, as a normal exit would (everything it started is
+    stopped and forgotten): for a process whose exit must not wait on the reaper, e.g.
+    under gevent, where waiting at exit lets other greenlets run on closed files."""
+    _close_at_exit()
+
+
 def _pythonpath() -> str:
     """The reaper imports ``chaos`` from wherever this process did."""
     root = str(Path(__file__).resolve().parent.parent)

@@ -7,7 +7,8 @@ and held", so :func:`coverage` counts what the run did against what its scenario
 (``run.json`` ``scenario_spec``), and :func:`not_exercised` gives the reasons a run that
 passed every checker must still be UNKNOWN.
 
-The rule applies to ``chaos run`` directories only (those with a ``scenario_spec``). An
+The rule applies to ``chaos run`` directories (those with a ``scenario_spec``); a load
+test (``kind: "loadtest"``) has its own, smaller one (:func:`loadtest_not_exercised`). An
 import (``kind: "import"``) has no scenario, and a hand-written history says nothing of
 what was asked: their coverage is recorded, and not judged.
 
@@ -143,6 +144,10 @@ def coverage(facts: Facts) -> dict[str, Any]:
         "not_exercised": [],
     }
     spec = facts.meta.get("scenario_spec")
+    if facts.meta.get("kind") == "loadtest":
+        cov["not_exercised"] = loadtest_not_exercised(cov)
+        cov["exercised"] = not cov["not_exercised"]
+        return cov
     if facts.meta.get("kind") == "import" or not isinstance(spec, dict):
         return cov
     duration = float(spec.get("duration_s") or 0.0)
@@ -171,6 +176,22 @@ def coverage(facts: Facts) -> dict[str, Any]:
     cov["not_exercised"] = not_exercised(cov, processes, _may_permit(workloads))
     cov["exercised"] = not cov["not_exercised"]
     return cov
+
+
+def loadtest_not_exercised(cov: dict[str, Any]) -> list[str]:
+    """A load test (``kind: "loadtest"``) has no scenario to hold it to: its rate is the
+    operator's. It must still have sent plans, had them decided, and executed permits,
+    or a VALID verdict would be vacuous."""
+    why: list[str] = []
+    if not cov["plans_sent"]:
+        why.append("the load test sent no plan")
+    elif cov["plans_added"] and not cov["plans_decided"]:
+        why.append("no plan was decided")
+    elif not cov["permits"]:
+        why.append(f"no plan was permitted ({cov['plans_decided']} decided)")
+    elif not cov["permits_executed"]:
+        why.append(f"none of the {cov['permits']} permits reached the exchange")
+    return why
 
 
 def not_exercised(cov: dict[str, Any], processes: int, may_permit: bool) -> list[str]:

@@ -1,0 +1,195 @@
+"""Locust event listeners of the load test: the world's life cycle, the plane, the verdict.
+
+Who does what:
+
+* ``init`` (every process): finer response-time buckets. On the master or the local
+  runner only, the world (:mod:`chaos.loadtest.world`) starts, once; its Redis URL,
+  prefix and run directory go into hidden options, which Locust sends to the workers
+  with the test start.
+* ``test_start`` (local runner and workers): the process's :class:`~chaos.loadtest.user.
+  Plane` (reader, expirer, history).
+* ``test_stop`` (same): the plane waits for the last decisions, fails the rest, closes.
+* ``report_to_master`` / ``worker_report``: HDR histogram deltas, workers to master.
+* ``quitting`` (master or local runner): stop the users, stop the world (which settles,
+  drains its recorder, tears down and judges the run directory), write latency.json,
+  print the verdict, set ``environment.process_exit_code``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import gevent
+from locust import events
+from locust.env import Environment
+from locust.runners import LocalRunner, MasterRunner, WorkerRunner
+
+from chaos import reaper
+from chaos.loadtest import latency, options, user
+from chaos.loadtest.world import ROOT, WorldError, WorldProcess
+
+log = logging.getLogger(__name__)
+
+EXIT_INVALID, EXIT_UNKNOWN, EXIT_HARNESS = 1, 2, 255
+
+
+class _State:
+    world: WorldProcess | None = None
+    run_dir: Path | None = None
+    latency = latency.LatencyRecorder()
+    mix: dict[str, float] = {}
+    finished = False
+    error: str | None = None
+
+
+S = _State()
+
+
+def _controller(env: Environment) -> bool:
+    """The master, or the runner of a single-process test: the world's owner."""
+    return isinstance(env.runner, MasterRunner | LocalRunner)
+
+
+def _run_dir(opts: Any) -> tuple[Path, bool]:
+    if opts.run_dir:
+        return Path(opts.run_dir).resolve(), False
+    base = ROOT.resolve()
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    d, n = base / stamp, 1
+    while d.exists():
+        n += 1
+        d = base / f"{stamp}-{n}"
+    return d, True
+
+
+@events.init_command_line_parser.add_listener
+def _add_options(parser: Any) -> None:
+    options.add_arguments(parser)
+
+
+@events.init.add_listener
+def _on_init(environment: Environment, **_: Any) -> None:
+    latency.install_fine_buckets()
+    opts = environment.parsed_options
+    if opts is None or isinstance(environment.runner, WorkerRunner):
+        return
+    if not _controller(environment):
+        return
+    try:
+        S.mix = options.validate(opts)
+        if opts.redis_url:
+            raise options.OptionError(
+                "--redis-url (staging) is not available yet: chaos.loadtest.staging is "
+                "being written; run without it for an embedded Redis")
+    except options.OptionError as exc:
+        _fail(environment, f"bad option: {exc}", 254)
+        return
+    run_dir, link = _run_dir(opts)
+    args = ["--run-dir", str(run_dir), "--governor", opts.governor,
+            "--governors", str(opts.governors), "--symbols", str(opts.symbols),
+            "--settings", json.dumps(options.settings(opts, S.mix))]
+    if opts.governor_cmd:
+        args += ["--governor-cmd", opts.governor_cmd]
+    if link:
+        args.append("--link-latest")
+    S.world = WorldProcess(args)
+    try:
+        info = S.world.start()
+    except WorldError as exc:
+        S.world = None
+        _fail(environment, f"the load-test world did not start: {exc}", EXIT_HARNESS)
+        return
+    S.run_dir = Path(info.run_dir)
+    opts.lt_world_url, opts.lt_world_prefix = info.redis_url, info.prefix
+    opts.lt_world_run_dir = info.run_dir
+    print(f"load test: embedded Redis {info.redis_url}, prefix {info.prefix}, "
+          f"{opts.governors} x {opts.governor_cmd or opts.governor} governor, run directory "
+          f"{info.run_dir}", flush=True)
+
+
+def _fail(env: Environment, message: str, code: int) -> None:
+    """Stop before any load: print why, exit with ``code``."""
+    S.error = message
+    print(f"load test: {message}", flush=True)
+    env.process_exit_code = code
+    if env.runner is not None:
+        gevent.spawn_later(0.1, env.runner.quit)
+
+
+@events.test_start.add_listener
+def _on_test_start(environment: Environment, **_: Any) -> None:
+    if isinstance(environment.runner, MasterRunner) or S.error:
+        return
+    opts = environment.parsed_options
+    if user.PLANE is not None or not opts or not opts.lt_world_url:
+        return
+    mix = S.mix or options.parse_mix(opts.mix)
+    user.PLANE = user.Plane(environment, redis_url=opts.lt_world_url,
+                            prefix=opts.lt_world_prefix, run_dir=opts.lt_world_run_dir,
+                            mix=mix, rate=opts.rate, n_symbols=opts.symbols,
+                            deadline_s=opts.decision_deadline_s, latency=S.latency)
+
+
+@events.test_stop.add_listener
+def _on_test_stop(environment: Environment, **_: Any) -> None:
+    plane = user.PLANE
+    if plane is None:
+        return
+    user.PLANE = None
+    plane.drain(timeout=min(environment.parsed_options.decision_deadline_s, 10.0))
+    log.info("load test: %s", plane.counts())
+    plane.close()
+
+
+@events.report_to_master.add_listener
+def _on_report(client_id: str, data: dict[str, Any], **_: Any) -> None:
+    S.latency.report(data)
+
+
+@events.worker_report.add_listener
+def _on_worker_report(client_id: str, data: dict[str, Any], **_: Any) -> None:
+    S.latency.merge(data)
+
+
+@events.quitting.add_listener
+def _on_quitting(environment: Environment, **_: Any) -> None:
+    if not _controller(environment) or S.finished:
+        return
+    S.finished = True
+    runner = environment.runner
+    if runner is not None and runner.state not in ("stopped", "ready"):
+        runner.stop()  # Ctrl-C: the users stop first, the plane drains (test_stop)
+    if isinstance(runner, LocalRunner) and user.PLANE is not None:
+        _on_test_stop(environment)
+    if S.world is None:
+        return
+    final = S.world.stop()
+    S.world = None
+    reaper.close()  # nothing of ours is left to watch; do not wait on the reaper at exit
+    opts = environment.parsed_options
+    figures = latency.summary(S.latency.total)
+    figures["measures"] = ("plan-to-decision latency: from each plan's scheduled send time "
+                           "to the reader seeing its decision on the events stream; plans "
+                           "with no decision count at the time waited")
+    figures["rate_target_per_process"] = opts.rate
+    if S.run_dir is not None and S.run_dir.is_dir():
+        latency.write(S.run_dir / "latency.json", figures)
+    print(latency.format_line(figures), flush=True)
+    code = 0
+    if final is None or "exit_code" not in final:
+        print("load test: the world stopped without a verdict (see its log above)", flush=True)
+        code = EXIT_HARNESS if final is None else int(final.get("exit_code", EXIT_HARNESS))
+    else:
+        print(final.get("summary", ""), flush=True)
+        print(f"run directory: {S.run_dir}", flush=True)
+        code = int(final["exit_code"])
+    p99 = figures.get("p99")
+    if opts.max_p99_ms and p99 is not None and p99 > opts.max_p99_ms:
+        print(f"load test: p99 {p99:.3f} ms is above --max-p99-ms {opts.max_p99_ms:g}",
+              flush=True)
+        code = EXIT_INVALID if code in (0, EXIT_UNKNOWN) else code
+    environment.process_exit_code = code

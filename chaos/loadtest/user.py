@@ -1,0 +1,328 @@
+"""The governor protocol as a Locust ``User``: paced plans, one events reader per process.
+
+Per Locust process there is one :class:`Plane`: the sender's Redis connection pool, the
+history writer (``history/locust-<pid>-<pid>.jsonl``, ``submit`` invoke/ok as the chaos
+workloads write them, so the checkers judge the run), the plan generators of
+:mod:`chaos.workloads` (``open_storm``, ``duplicate_close``, ``stale``, ``malformed``),
+the schedule, the plans waiting for a decision, and two greenlets: the **reader**, the only
+one that reads ``P:stream:governor.events`` (XREAD BLOCK from the last entry id taken
+before the first plan was sent) and completes the waiting plans, and the **expirer**,
+which fails the plans with no decision within ``--decision-deadline-s``.
+
+Open model: ``--rate`` plans/s per process, on a fixed schedule (slot *k* is due at
+``t0 + k / rate``) that the process's users share. A user takes the next slot, sleeps
+until it is due, sends, and takes the next one without waiting for the decision. Every
+latency is measured from the plan's *scheduled* time, not from when it was sent: when
+Redis or the governor stalls, the slots keep coming due, the plans behind the stall are
+sent late and their latency includes the wait (no coordinated omission), rather than the
+load test quietly sending fewer plans.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import secrets
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import gevent
+from gevent import GreenletExit
+import redis
+from locust import User, task
+from locust.env import Environment
+
+from chaos.history import F, HistoryWriter
+from chaos.loadtest.latency import LatencyRecorder
+from chaos.scenario import WorkloadSpec
+from chaos.workloads import (
+    DuplicateClose,
+    Malformed,
+    MarketView,
+    NotSent,
+    OpenStorm,
+    Stale,
+    SubmitPlan,
+    Unknown,
+    WorkloadContext,
+    _jsonable,
+    _Sender,
+    _text,
+)
+from governor_ref.keys import Keys
+
+log = logging.getLogger(__name__)
+
+# Malformed plans whose plan_id stays usable: the governor answers them (BLOCK
+# invalid_plan) and the reader can match the answer. The id-breaking ways of
+# chaos.workloads (no_plan_id, plan_id_spaces, plan_id_too_long) get no decision a
+# load test could time, so they are left to the chaos scenarios.
+MALFORMED_WAYS = ("lowercase_symbol", "missing_side", "negative_notional",
+                  "exponent_notional", "text_notional", "unknown_action", "binary_field",
+                  "extra_field")
+DECISIONS = ("PERMIT", "BLOCK")
+MIRROR_TTL_S = 0.05  # a duplicate-close burst reuses a mirror read this recent
+READ_BLOCK_MS = 200
+
+
+class DecisionTimeout(Exception):
+    """No decision on the events stream within the deadline."""
+
+
+class SendFailed(Exception):
+    """The XADD surely did not add the plan (no connection, an error reply)."""
+
+
+def symbols(n: int) -> list[str]:
+    """The market's symbols, as :meth:`chaos.runner.Run.symbols` names them."""
+    return [f"S{i:03d}USDT" for i in range(n)]
+
+
+class Pacer:
+    """The process's fixed schedule: slot k is due at ``t0 + k / rate`` (perf_counter)."""
+
+    def __init__(self, rate: float) -> None:
+        self.interval = 1.0 / rate
+        self.t0: float | None = None
+        self.k = 0
+
+    def claim(self, n: int = 1) -> float:
+        """Take ``n`` consecutive slots; returns when the first is due."""
+        if self.t0 is None:
+            self.t0 = time.perf_counter()
+        at = self.t0 + self.k * self.interval
+        self.k += n
+        return at
+
+
+@dataclass
+class Waiter:
+    scheduled: float  # perf_counter seconds
+    action: str  # OPEN | CLOSE: Locust's request_type
+
+
+class Plane:
+    """Everything one Locust process shares; see the module docstring."""
+
+    def __init__(self, env: Environment, *, redis_url: str, prefix: str, run_dir: str,
+                 mix: Mapping[str, float], rate: float, n_symbols: int,
+                 deadline_s: float, latency: LatencyRecorder) -> None:
+        self.env = env
+        self.keys = Keys(prefix)
+        self.deadline_s = deadline_s
+        self.latency = latency
+        self.client = redis.Redis.from_url(redis_url, decode_responses=True,
+                                           encoding_errors="replace", socket_timeout=5,
+                                           socket_connect_timeout=2,
+                                           retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0))
+        self.reader_client = redis.Redis.from_url(redis_url, decode_responses=True,
+                                                  encoding_errors="replace",
+                                                  socket_timeout=READ_BLOCK_MS / 1000 + 5)
+        self.send = _Sender(self.client)
+        self.name = f"locust-{os.getpid()}"
+        self.hist = HistoryWriter(run_dir, self.name)
+        self.lock = threading.Lock()  # the history writer is shared by the users
+        self.tasks = [t for t, w in mix.items() if w > 0]
+        self.weights = [mix[t] for t in self.tasks]
+        self.rng = random.Random()
+        self.pacer = Pacer(rate)
+        self.symbols = symbols(n_symbols)
+        config = self.client.hgetall(self.keys.config)
+        ctx = WorkloadContext(redis_url=redis_url, prefix=prefix, run_dir=run_dir, seed=0,
+                              duration_s=0.0, symbols=self.symbols, config=dict(config))
+        base = secrets.randbelow(10**8) * 10  # plan ids unique across processes/machines
+
+        def spec(kind: str, **params: Any) -> WorkloadSpec:
+            return WorkloadSpec(kind, symbols=n_symbols, params=params)
+
+        self.gen_open = OpenStorm(spec("open_storm"), base, ctx, self.rng)
+        self.gen_close = DuplicateClose(spec("duplicate_close"), base + 1, ctx, self.rng)
+        self.gen_stale = Stale(spec("stale", stale_fraction=1.0), base + 2, ctx, self.rng)
+        self.gen_bad = Malformed(spec("malformed", bad_fraction=1.0), base + 3, ctx, self.rng)
+        self.bad = 0
+        self.view = MarketView()
+        self.view_at = 0.0
+        self.waiting: dict[str, Waiter] = {}
+        self.sent = self.decided = self.timeouts = self.send_failures = 0
+        # Where the reader starts: the stream's last entry *before* the first plan is sent.
+        last = self.reader_client.xrevrange(self.keys.events, "+", "-", count=1)
+        self.last_id = last[0][0] if last else "0-0"
+        self.running = True
+        self.greenlets = [gevent.spawn(self._read), gevent.spawn(self._expire)]
+
+    # -- one task: a slot of the schedule -----------------------------------------------
+    def step(self) -> None:
+        at = self.pacer.claim()
+        kind = self.rng.choices(self.tasks, self.weights)[0]
+        now_ms = time.time_ns() // 1_000_000
+        if kind == "open":
+            ems = [self.gen_open.next("plan", now_ms, self.view)]
+        elif kind == "stale":
+            ems = self.gen_stale.next("plan", now_ms, self.view)
+        elif kind == "malformed":
+            way = MALFORMED_WAYS[self.bad % len(MALFORMED_WAYS)]
+            self.bad += 1
+            ems = [self.gen_bad.breach(way, now_ms)]
+        else:
+            ems = self.gen_close.next("burst", now_ms, self._mirror())
+            if len(ems) > 1:
+                self.pacer.claim(len(ems) - 1)  # the rate counts plans, not bursts
+        _sleep_until(at)
+        for em in ems:
+            if isinstance(em, SubmitPlan):
+                scheduled = at + em.delay_ms / 1000.0
+                _sleep_until(scheduled)
+                self._submit(em, scheduled, kind)
+
+    def _mirror(self) -> MarketView:
+        """The ``P:position:*`` mirror, read at most every MIRROR_TTL_S per process."""
+        now = time.monotonic()
+        if now - self.view_at < MIRROR_TTL_S:
+            return self.view
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for s in self.symbols:
+                pipe.hgetall(self.keys.position(s))
+            hashes = pipe.execute()
+            self.view = MarketView(positions={s: h for s, h in zip(self.symbols, hashes,
+                                                                   strict=True) if h})
+            self.view_at = now
+        except (redis.RedisError, OSError) as exc:
+            log.debug("mirror read failed: %s", exc)
+        return self.view
+
+    def _submit(self, em: SubmitPlan, scheduled: float, kind: str) -> None:
+        action = str(em.fields.get("action", "OPEN"))
+        if action not in ("OPEN", "CLOSE"):
+            action = "OPEN"  # a malformed OPEN (unknown_action)
+        self.waiting[em.key] = Waiter(scheduled, action)
+        self.sent += 1
+        with self.lock:
+            self.hist.invoke(F.SUBMIT, key=em.key, symbol=em.symbol, plan=_jsonable(em.fields),
+                             workload=f"loadtest-{kind}", **em.meta)
+        args: list[Any] = ["XADD", self.keys.plans, "*"]
+        for k, v in em.fields.items():
+            args += (k, v)
+        try:
+            entry_id = self.send(*args)
+        except NotSent as exc:
+            with self.lock:
+                self.hist.fail(F.SUBMIT, key=em.key, symbol=em.symbol, error=str(exc))
+            if self.waiting.pop(em.key, None) is not None:
+                self.send_failures += 1
+                self._fire(action, "XADD", scheduled, SendFailed(str(exc)))
+            return
+        except GreenletExit:  # Locust stops its users by killing them, maybe mid-XADD
+            self.waiting.pop(em.key, None)
+            with self.lock:
+                self.hist.info(F.SUBMIT, key=em.key, symbol=em.symbol,
+                               error="stopped during XADD (the load test ended)")
+            raise
+        except Unknown as exc:  # may have been added: its decision may still come
+            with self.lock:
+                self.hist.info(F.SUBMIT, key=em.key, symbol=em.symbol, error=str(exc))
+            return
+        with self.lock:
+            self.hist.ok(F.SUBMIT, key=em.key, symbol=em.symbol, entry_id=_text(entry_id))
+
+    # -- completing -----------------------------------------------------------------------
+    def _fire(self, action: str, name: str, scheduled: float,
+              exc: Exception | None = None) -> None:
+        ms = (time.perf_counter() - scheduled) * 1000.0
+        self.latency.record_ms(ms)
+        self.env.events.request.fire(request_type=action, name=name, response_time=ms,
+                                     response_length=0, exception=exc, context={})
+
+    def _read(self) -> None:
+        """The process's one reader of the events stream."""
+        while self.running:
+            try:
+                resp = self.reader_client.xread({self.keys.events: self.last_id}, count=1000,
+                                                block=READ_BLOCK_MS)
+            except (redis.RedisError, OSError) as exc:
+                if self.running:
+                    log.warning("events reader: %s", exc)
+                    gevent.sleep(0.1)
+                continue
+            for _stream, entries in resp or ():
+                for entry_id, fields in entries:
+                    self.last_id = entry_id
+                    decision = fields.get("decision")
+                    if decision not in DECISIONS:
+                        continue  # informational entries
+                    w = self.waiting.pop(fields.get("plan_id", ""), None)
+                    if w is None:
+                        continue  # another process's plan, or a rotation plan
+                    self.decided += 1
+                    name = "PERMIT" if decision == "PERMIT" else \
+                        f"BLOCK {fields.get('reason') or '?'}"
+                    self._fire(w.action, name, w.scheduled)
+
+    def _expire(self) -> None:
+        while self.running:
+            gevent.sleep(0.1)
+            self.expire(self.deadline_s, "no decision within the deadline")
+
+    def expire(self, older_than_s: float, why: str) -> int:
+        cutoff = time.perf_counter() - older_than_s
+        late = [(k, w) for k, w in self.waiting.items() if w.scheduled <= cutoff]
+        for k, w in late:
+            if self.waiting.pop(k, None) is not None:
+                self.timeouts += 1
+                self._fire(w.action, "NO DECISION", w.scheduled,
+                           DecisionTimeout(f"{why} ({older_than_s:g}s)"))
+        return len(late)
+
+    def drain(self, timeout: float) -> None:
+        """At the end: wait (bounded) for the decisions of what was sent, then fail the
+        rest."""
+        deadline = time.monotonic() + timeout
+        while self.waiting and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+        self.expire(0.0, "no decision before the end")
+
+    def close(self) -> None:
+        self.running = False
+        gevent.joinall(self.greenlets, timeout=READ_BLOCK_MS / 1000 + 1)
+        gevent.killall(self.greenlets, timeout=1)
+        with self.lock:
+            self.hist.close()
+        for c in (self.client, self.reader_client):
+            try:
+                c.close()
+            except Exception:  # noqa: BLE001 - closing at the end, nothing to do about it
+                log.debug("closing a client failed", exc_info=True)
+
+    def counts(self) -> dict[str, int]:
+        return {"sent": self.sent, "decided": self.decided, "timeouts": self.timeouts,
+                "send_failures": self.send_failures, "waiting": len(self.waiting)}
+
+
+def _sleep_until(at: float) -> None:
+    delay = at - time.perf_counter()
+    if delay > 0:
+        gevent.sleep(delay)
+
+
+# The process's plane, set at test_start by the locustfile (None on the master).
+PLANE: Plane | None = None
+
+
+class GovernorUser(User):
+    """One sender of the process's schedule: each task run is one slot (or a
+    duplicate-close burst of three). The process's ``--rate`` is shared by its users, so
+    more users only help when one cannot keep up (a slow XADD)."""
+
+    def wait_time(self) -> float:
+        return 0.0
+
+    @task
+    def plan(self) -> None:
+        if PLANE is None:
+            gevent.sleep(0.05)  # the plane is set at test_start
+            return
+        PLANE.step()

@@ -1,0 +1,262 @@
+"""The system under load: the chaos harness's pieces, in a child process of Locust's.
+
+Why a separate process: Locust monkey-patches the standard library with gevent, and the
+harness (supervisor, apply layer, recorder) runs threads and blocking SQLite; mixing the
+two stalls both. So the Locust master (or local runner) starts ``python -m
+chaos.loadtest.world`` once, reads the one JSON line it prints when ready (``{"ready":
+true, "redis_url", "prefix", "run_dir"}``), and at the end closes its stdin (or sends
+SIGTERM). The world then stops in the order of ``chaos run`` (the governors decide what
+is in flight, the recorder drains, the apply layer and Redis stop), judges the run
+directory with :func:`chaos.checkers.check_run` (not under gevent: the checkers may
+fork) and prints a last JSON line with the verdict.
+
+The run is a :class:`chaos.runner.Run` without workloads or faults: the Locust users
+are its producers. Its ``run.json`` says ``kind: "loadtest"`` and has no
+``scenario_spec`` (the load test's options are under ``loadtest``); the coverage rule
+for load tests is in :mod:`chaos.checkers.coverage`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from chaos import reaper
+from chaos import scenario as scn
+from chaos.history import F
+from chaos.runner import HarnessError, Run, RunOptions, RunResult, default_run_dir
+
+log = logging.getLogger(__name__)
+
+ROOT = Path("reports") / "loadtests"
+READY_TIMEOUT_S = 90.0  # Redis and the governors starting on a busy machine
+STOP_TIMEOUT_S = 120.0  # settle + teardown + the checkers
+SETTLE_S = 10.0  # what the governors get to decide the plans still in flight at the end
+MODEL_TIMEOUT_S = 2.0  # the sequential-model check's budget (as ``chaos suite --quick``)
+
+
+def loadtest_scenario(*, governors: int, symbols: int, seed: int = 1) -> scn.Scenario:
+    """The scenario the world runs: a market and governors, no workloads, no faults."""
+    return scn.Scenario(name="loadtest", governors=governors, seed=seed,
+                        market=scn.MarketSpec(symbols=symbols), duration_s=0.0)
+
+
+class LoadWorld(Run):
+    """A :class:`Run` that stands until told to stop, for producers outside it."""
+
+    def __init__(self, opts: RunOptions, settings: dict[str, Any]) -> None:
+        super().__init__(opts)
+        self.settings = settings
+
+    def prepare(self) -> None:
+        super().prepare()
+        # A load test has no scenario: its coverage is judged by the load-test rule.
+        self.meta.pop("scenario_spec", None)
+        self.write_meta(kind="loadtest", scenario="loadtest", loadtest=self.settings,
+                        checks_skipped=["liveness"])
+
+    def start(self) -> None:
+        self.phases = self.writer("runner")
+        self.prepare()
+        self.start_redis()
+        self.write_inputs()
+        self.start_exchange()
+        self.start_governors()
+        self.workload_op = self.phases.invoke(F.PHASE, key="workload")
+        self._workload_op = self.workload_op
+
+    def finish(self, result: RunResult, interrupted: bool) -> None:
+        """End the load phase, let the governors decide what is in flight, tear down."""
+        try:
+            if interrupted:
+                result.status = "interrupted"
+                self.phases.info(F.PHASE, key="interrupted", signal="SIGTERM")
+            else:
+                self.phases.ok(F.PHASE, key="workload")
+                self.phases.invoke(F.PHASE, key="heal")
+                self._settle(timeout=SETTLE_S)
+                self.phases.ok(F.PHASE, key="heal")
+                self._healed = True
+        finally:
+            self.teardown(result)
+
+
+@dataclass
+class _Stop:
+    """Why the world stops: stdin closed (the normal end) or a signal."""
+
+    event: threading.Event = field(default_factory=threading.Event)
+    signal: int | None = None
+
+
+def _emit(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Start, print ready, wait for the end, stop, judge, print the verdict."""
+    from chaos.checkers import check_run
+
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir("", ROOT)
+    settings = json.loads(args.settings) if args.settings else {}
+    opts = RunOptions(scenario=loadtest_scenario(governors=args.governors,
+                                                 symbols=args.symbols, seed=args.seed),
+                      governor=args.governor, governor_cmd=args.governor_cmd or None,
+                      out=run_dir, progress=False, probe=False)
+    world = LoadWorld(opts, settings)
+    stop = _Stop()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.signal = signum
+        stop.event.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    def watch_stdin() -> None:
+        with contextlib.suppress(OSError, ValueError):
+            while sys.stdin.readline():
+                pass
+        stop.event.set()
+
+    result = RunResult(world.run_dir, "complete")
+    try:
+        try:
+            world.start()
+        except BaseException:
+            world.teardown(RunResult(world.run_dir, "harness_error"))
+            raise
+        if args.link_latest:
+            _link_latest(world.run_dir)
+        assert world.keys is not None and world.provider is not None
+        _emit({"ready": True, "redis_url": world.provider.url, "prefix": world.keys.prefix,
+               "run_dir": str(world.run_dir), "pid": os.getpid()})
+        threading.Thread(target=watch_stdin, name="stdin", daemon=True).start()
+        stop.event.wait()
+        world.finish(result, interrupted=stop.signal is not None)
+    except (HarnessError, scn.ScenarioError) as exc:
+        _emit({"error": str(exc), "exit_code": 255 if isinstance(exc, HarnessError) else 254})
+        return 255
+    verdict = check_run(world.run_dir, model_timeout_s=MODEL_TIMEOUT_S)
+    _emit({"stopped": True, "status": result.status, "exit_code": verdict.exit_code,
+           "valid": verdict.valid, "summary": verdict.summary(), "coverage": verdict.coverage})
+    return 0
+
+
+def _link_latest(run_dir: Path) -> None:
+    latest = run_dir.parent / "latest"
+    with contextlib.suppress(OSError):
+        if latest.is_symlink() or latest.exists():
+            latest.unlink()
+        latest.symlink_to(run_dir.name)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m chaos.loadtest.world", description=__doc__)
+    p.add_argument("--run-dir", default=None)
+    p.add_argument("--link-latest", action="store_true")
+    p.add_argument("--governor", default="reference")
+    p.add_argument("--governor-cmd", default=None)
+    p.add_argument("--governors", type=int, default=2)
+    p.add_argument("--symbols", type=int, default=40)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--settings", default=None, help="JSON for run.json's loadtest field")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="world %(levelname)s %(name)s: %(message)s")
+    return serve(args)
+
+
+# --------------------------------------------------------------------------- Locust's side
+class WorldError(RuntimeError):
+    """The world did not start or did not stop in order; the message says why."""
+
+
+@dataclass
+class WorldInfo:
+    redis_url: str
+    prefix: str
+    run_dir: str
+
+
+class WorldProcess:
+    """The Locust master's handle on the world child: start, wait ready, stop, verdict.
+
+    The child runs in its own session (a Ctrl-C at the terminal reaches Locust only, which
+    then stops the world in order) and is registered with :mod:`chaos.reaper`, so a
+    SIGKILLed Locust still takes it (and, through the world's own reaper, Redis and the
+    governors) down within a second.
+    """
+
+    def __init__(self, args: list[str]) -> None:
+        self.args = args
+        self.proc: subprocess.Popen[str] | None = None
+        self.info: WorldInfo | None = None
+        self.final: dict[str, Any] | None = None
+
+    def start(self, timeout: float = READY_TIMEOUT_S) -> WorldInfo:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "chaos.loadtest.world", *self.args],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
+        reaper.watch(self.proc.pid, group=True)
+        line = self._read_line(timeout)
+        msg = json.loads(line) if line else {}
+        if not msg.get("ready"):
+            self.stop(timeout=30)
+            raise WorldError(msg.get("error") or "the load-test world did not start "
+                             "(its log is above)")
+        self.info = WorldInfo(msg["redis_url"], msg["prefix"], msg["run_dir"])
+        return self.info
+
+    def _read_line(self, timeout: float) -> str:
+        """One line of the child's stdout, or '' at EOF or after ``timeout``."""
+        assert self.proc is not None and self.proc.stdout is not None
+        out: IO[str] = self.proc.stdout
+        box: list[str] = []
+        t = threading.Thread(target=lambda: box.append(out.readline()), daemon=True)
+        t.start()
+        deadline = time.monotonic() + timeout
+        while t.is_alive() and time.monotonic() < deadline:
+            t.join(0.05)  # short joins: under gevent, other greenlets keep running
+        return box[0] if box else ""
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> dict[str, Any] | None:
+        """Close its stdin (the normal end), wait for its verdict line and its exit; kill
+        the group if it does not exit in time. Returns the verdict message, if any."""
+        proc = self.proc
+        if proc is None:
+            return self.final
+        with contextlib.suppress(OSError, ValueError):
+            assert proc.stdin is not None
+            proc.stdin.close()
+        if self.info is not None and self.final is None:
+            line = self._read_line(timeout)
+            with contextlib.suppress(ValueError):
+                self.final = json.loads(line) if line else None
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            log.error("the load-test world (pid %d) did not exit: killing it", proc.pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+        reaper.forget(proc.pid)
+        self.proc = None
+        return self.final
+
+
+if __name__ == "__main__":
+    sys.exit(main())
