@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import gevent
-from gevent import GreenletExit
 import redis
+from gevent import GreenletExit
 from locust import User, task
 from locust.env import Environment
 
@@ -160,7 +160,7 @@ class Plane:
         kind = self.rng.choices(self.tasks, self.weights)[0]
         now_ms = time.time_ns() // 1_000_000
         if kind == "open":
-            ems = [self.gen_open.next("plan", now_ms, self.view)]
+            ems = self.gen_open.next("plan", now_ms, self.view)
         elif kind == "stale":
             ems = self.gen_stale.next("plan", now_ms, self.view)
         elif kind == "malformed":
@@ -298,8 +298,10 @@ class Plane:
                 log.debug("closing a client failed", exc_info=True)
 
     def counts(self) -> dict[str, int]:
+        elapsed = time.perf_counter() - self.pacer.t0 if self.pacer.t0 is not None else 0.0
         return {"sent": self.sent, "decided": self.decided, "timeouts": self.timeouts,
-                "send_failures": self.send_failures, "waiting": len(self.waiting)}
+                "send_failures": self.send_failures, "waiting": len(self.waiting),
+                "slots": self.pacer.k, "slots_due": int(elapsed / self.pacer.interval)}
 
 
 def _sleep_until(at: float) -> None:
