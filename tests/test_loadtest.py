@@ -1,0 +1,114 @@
+"""The Locust load test end to end: the locustfile run headless as a real subprocess.
+
+Each run starts its own embedded Redis, governors, apply layer and exchange (the world
+child), sends plans for a few seconds, and judges the run directory. Checked: Locust's
+CSV rows (request types OPEN/CLOSE, names PERMIT / BLOCK <reason>), the run directory's
+results.json verdict, latency.json, the exit code, and that no process of the run is left.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("locust")
+pytest.importorskip("hdrh")
+pytestmark = pytest.mark.timeout(120)
+
+ROOT = Path(__file__).resolve().parent.parent
+LOCUSTFILE = ROOT / "loadtests" / "locustfile.py"
+
+
+def _locust(tmp: Path, *extra: str, seconds: int = 4) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("locust", path=os.path.dirname(sys.executable)) or "locust"
+    cmd = [exe, "-f", str(LOCUSTFILE), "--headless", "-u", "4", "-r", "4", "-t",
+           f"{seconds}s", "--csv", str(tmp / "lt"), "--run-dir", str(tmp / "run"),
+           "--only-summary", *extra]
+    return subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=110)
+
+
+def _left_over(run_dir: Path) -> list[str]:
+    """Processes of this run: the world (its command line names the run directory), Redis
+    (``redis-server 127.0.0.1:PORT``) and the governors (``REDIS_URL`` with that port)."""
+    from urllib.parse import urlsplit
+
+    url = json.loads((run_dir / "run.json").read_text())["redis"]["url"]
+    addr = f"127.0.0.1:{urlsplit(url).port}".encode()
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            continue
+        if str(run_dir) in cmd or addr in cmd.encode() or addr in environ:
+            out.append(f"{pid}: {cmd}")
+    return out
+
+
+def _wait_gone(run_dir: Path, timeout: float = 5.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while (left := _left_over(run_dir)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+def test_reference_headless_run_is_valid_with_latency_and_csv(tmp_path: Path) -> None:
+    p = _locust(tmp_path, "--rate", "200")
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-4000:]
+    rows = list(csv.DictReader((tmp_path / "lt_stats.csv").open()))
+    named = [r for r in rows if r["Name"] != "Aggregated"]
+    assert {r["Type"] for r in named} <= {"OPEN", "CLOSE"}
+    assert {r["Type"] for r in named} == {"OPEN", "CLOSE"}
+    names = {r["Name"] for r in named}
+    assert "PERMIT" in names
+    assert any(n.startswith("BLOCK ") for n in names), names
+    assert "BLOCK intent_stale" in names and "BLOCK invalid_plan" in names, names
+    total = next(r for r in rows if r["Name"] == "Aggregated")
+    assert int(total["Request Count"]) > 300, total  # 200 plans/s for ~4 s
+    assert int(total["Failure Count"]) == 0, total
+
+    run = tmp_path / "run"
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["kind"] == "loadtest" and meta["status"] == "complete"
+    assert meta["loadtest"]["rate"] == 200.0 and "scenario_spec" not in meta
+    results = json.loads((run / "results.json").read_text())
+    assert results["valid"] is True, results.get("violations")
+    cov = results["coverage"]
+    assert cov["exercised"] is True and cov["plans_sent"] > 300 and cov["permits_executed"] > 0
+    lat = json.loads((run / "latency.json").read_text())
+    assert lat["count"] > 300
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["p99.9"] <= lat["max"]
+    assert "verdict: VALID" in out and "decision latency" in out
+    assert list((run / "history").glob("locust-*.jsonl"))
+    assert _wait_gone(run) == []
+
+
+def test_legacy_open_storm_breaks_the_invariants_and_exits_1(tmp_path: Path) -> None:
+    p = _locust(tmp_path, "--rate", "400", "--governor", "legacy", "--governors", "3",
+                "--mix", "open=100", "--symbols", "40")
+    out = p.stdout + p.stderr
+    assert p.returncode == 1, out[-4000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["valid"] is False
+    assert results["violations"], results
+    assert "verdict: INVALID" in out
+    assert _wait_gone(tmp_path / "run") == []
+
+
+def test_bad_mix_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    p = _locust(tmp_path, "--mix", "open=70,hold=30", seconds=2)
+    assert p.returncode == 254, (p.stdout + p.stderr)[-2000:]
+    assert "--mix" in p.stdout + p.stderr
+    assert not (tmp_path / "run" / "run.json").exists()
