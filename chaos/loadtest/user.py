@@ -280,6 +280,10 @@ class Plane:
     def drain(self, timeout: float) -> None:
         """At the end: wait (bounded) for the decisions of what was sent, then fail the
         rest."""
+        # A Ctrl-C lands in whichever greenlet runs at that instant: if it was the reader,
+        # a new one finishes its job.
+        if self.greenlets[0].dead:
+            self.greenlets[0] = gevent.spawn(self._read)
         deadline = time.monotonic() + timeout
         while self.waiting and time.monotonic() < deadline:
             gevent.sleep(0.05)
