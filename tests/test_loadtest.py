@@ -112,3 +112,22 @@ def test_bad_mix_is_refused_before_anything_starts(tmp_path: Path) -> None:
     assert p.returncode == 254, (p.stdout + p.stderr)[-2000:]
     assert "--mix" in p.stdout + p.stderr
     assert not (tmp_path / "run" / "run.json").exists()
+
+
+def test_two_processes_merge_histograms_and_p99_ceiling_fails_the_run(tmp_path: Path) -> None:
+    """``--processes 2``: one world (started by the master only), two senders whose HDR
+    histograms the master merges; a p99 ceiling below what any run reaches exits 1 even
+    though the verdict is VALID."""
+    p = _locust(tmp_path, "--processes", "2", "--rate", "100", "--max-p99-ms", "0.001")
+    out = p.stdout + p.stderr
+    assert p.returncode == 1, out[-4000:]
+    assert "verdict: VALID" in out and "is above --max-p99-ms" in out
+    run = tmp_path / "run"
+    senders = list((run / "history").glob("locust-*.jsonl"))
+    assert len(senders) == 2, senders
+    assert len(list((run / "history").glob("runner-*.jsonl"))) == 1  # one world
+    lat = json.loads((run / "latency.json").read_text())
+    rows = list(csv.DictReader((tmp_path / "lt_stats.csv").open()))
+    total = next(r for r in rows if r["Name"] == "Aggregated")
+    assert lat["count"] == int(total["Request Count"]) > 300  # both workers' plans
+    assert _wait_gone(run) == []
