@@ -1,5 +1,11 @@
 """Locust event listeners of the load test: the world's life cycle, the plane, the verdict.
 
+The package's parts: :mod:`~chaos.loadtest.options` (options, the task mix),
+:mod:`~chaos.loadtest.world` (the harness in a child process without gevent),
+:mod:`~chaos.loadtest.latency` (HDR histogram, finer Locust buckets),
+:mod:`~chaos.loadtest.user` (the paced sender and the one events reader per process),
+and this module, which ``loadtests/locustfile.py`` imports. See docs/loadtests.md.
+
 Who does what:
 
 * ``init`` (every process): finer response-time buckets. On the master or the local
@@ -82,9 +88,13 @@ def _on_init(environment: Environment, **_: Any) -> None:
     try:
         S.mix = options.validate(opts)
         if opts.redis_url:
+            # Staging (chaos.loadtest.staging: preflight, rate ceiling, cleanup) is written
+            # on another branch; until it is merged and wired here, refuse rather than
+            # write to a shared Redis without its safety rules.
             raise options.OptionError(
-                "--redis-url (staging) is not available yet: chaos.loadtest.staging is "
-                "being written; run without it for an embedded Redis")
+                "--redis-url (staging) is not available yet: the staging safety module "
+                "(chaos.loadtest.staging) is not wired in; run without it for an embedded "
+                "Redis")
     except options.OptionError as exc:
         _fail(environment, f"bad option: {exc}", 254)
         return
