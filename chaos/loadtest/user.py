@@ -24,7 +24,6 @@ import logging
 import os
 import random
 import secrets
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -125,7 +124,6 @@ class Plane:
         self.send = _Sender(self.client)
         self.name = f"locust-{os.getpid()}"
         self.hist = HistoryWriter(run_dir, self.name)
-        self.lock = threading.Lock()  # the history writer is shared by the users
         self.tasks = [t for t, w in mix.items() if w > 0]
         self.weights = [mix[t] for t in self.tasks]
         self.rng = random.Random()
@@ -201,33 +199,28 @@ class Plane:
             action = "OPEN"  # a malformed OPEN (unknown_action)
         self.waiting[em.key] = Waiter(scheduled, action)
         self.sent += 1
-        with self.lock:
-            self.hist.invoke(F.SUBMIT, key=em.key, symbol=em.symbol, plan=_jsonable(em.fields),
-                             workload=f"loadtest-{kind}", **em.meta)
+        self.hist.invoke(F.SUBMIT, key=em.key, symbol=em.symbol, plan=_jsonable(em.fields),
+                         workload=f"loadtest-{kind}", **em.meta)
         args: list[Any] = ["XADD", self.keys.plans, "*"]
         for k, v in em.fields.items():
             args += (k, v)
         try:
             entry_id = self.send(*args)
         except NotSent as exc:
-            with self.lock:
-                self.hist.fail(F.SUBMIT, key=em.key, symbol=em.symbol, error=str(exc))
+            self.hist.fail(F.SUBMIT, key=em.key, symbol=em.symbol, error=str(exc))
             if self.waiting.pop(em.key, None) is not None:
                 self.send_failures += 1
                 self._fire(action, "XADD", scheduled, SendFailed(str(exc)))
             return
         except GreenletExit:  # Locust stops its users by killing them, maybe mid-XADD
             self.waiting.pop(em.key, None)
-            with self.lock:
-                self.hist.info(F.SUBMIT, key=em.key, symbol=em.symbol,
-                               error="stopped during XADD (the load test ended)")
+            self.hist.info(F.SUBMIT, key=em.key, symbol=em.symbol,
+                           error="stopped during XADD (the load test ended)")
             raise
         except Unknown as exc:  # may have been added: its decision may still come
-            with self.lock:
-                self.hist.info(F.SUBMIT, key=em.key, symbol=em.symbol, error=str(exc))
+            self.hist.info(F.SUBMIT, key=em.key, symbol=em.symbol, error=str(exc))
             return
-        with self.lock:
-            self.hist.ok(F.SUBMIT, key=em.key, symbol=em.symbol, entry_id=_text(entry_id))
+        self.hist.ok(F.SUBMIT, key=em.key, symbol=em.symbol, entry_id=_text(entry_id))
 
     # -- completing -----------------------------------------------------------------------
     def _fire(self, action: str, name: str, scheduled: float,
@@ -293,8 +286,7 @@ class Plane:
         self.running = False
         gevent.joinall(self.greenlets, timeout=READ_BLOCK_MS / 1000 + 1)
         gevent.killall(self.greenlets, timeout=1)
-        with self.lock:
-            self.hist.close()
+        self.hist.close()
         for c in (self.client, self.reader_client):
             try:
                 c.close()
