@@ -12,6 +12,7 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -141,3 +142,30 @@ def test_two_processes_merge_histograms_and_p99_ceiling_fails_the_run(tmp_path: 
     total = next(r for r in rows if r["Name"] == "Aggregated")
     assert lat["count"] == int(total["Request Count"]) > 300  # both workers' plans
     assert _wait_gone(run) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_stops_everything_and_still_judges(tmp_path: Path, sig: int) -> None:
+    """A Ctrl-C (SIGINT) or SIGTERM in the middle of the load: the users stop, the world
+    settles, stops and judges what was sent; nothing of the run is left."""
+    exe = shutil.which("locust", path=os.path.dirname(sys.executable)) or "locust"
+    proc = subprocess.Popen(
+        [exe, "-f", str(LOCUSTFILE), "--headless", "-u", "2", "-r", "2", "-t", "60s",
+         "--rate", "100", "--run-dir", str(tmp_path / "run"), "--only-summary"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        hist = tmp_path / "run" / "history"
+        while not list(hist.glob("locust-*.jsonl")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(2)
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "verdict: VALID" in out, out[-3000:]
+    assert proc.returncode == 0, out[-3000:]
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "complete"
+    assert _wait_gone(tmp_path / "run") == []
