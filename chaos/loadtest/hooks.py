@@ -50,6 +50,7 @@ class _State:
     mix: dict[str, float] = {}
     finished = False
     error: str | None = None
+    target: Any = None  # a staging.StagingTarget with --redis-url
 
 
 S = _State()
@@ -87,16 +88,14 @@ def _on_init(environment: Environment, **_: Any) -> None:
         return
     try:
         S.mix = options.validate(opts)
-        if opts.redis_url:
-            # Staging (chaos.loadtest.staging: preflight, rate ceiling, cleanup) is written
-            # on another branch; until it is merged and wired here, refuse rather than
-            # write to a shared Redis without its safety rules.
-            raise options.OptionError(
-                "--redis-url (staging) is not available yet: the staging safety module "
-                "(chaos.loadtest.staging) is not wired in; run without it for an embedded "
-                "Redis")
+        S.target = _staging_preflight(opts) if opts.redis_url else None
     except options.OptionError as exc:
         _fail(environment, f"bad option: {exc}", 254)
+        return
+    except Exception as exc:  # staging.StagingError: a rule refused the target
+        if type(exc).__name__ != "StagingError":
+            raise
+        _fail(environment, f"staging refused: {exc}", 254)
         return
     run_dir, link = _run_dir(opts)
     args = ["--run-dir", str(run_dir), "--governor", opts.governor,
@@ -106,7 +105,9 @@ def _on_init(environment: Environment, **_: Any) -> None:
         args += ["--governor-cmd", opts.governor_cmd]
     if link:
         args.append("--link-latest")
-    S.world = WorldProcess(args)
+    if S.target is not None:
+        args += ["--prefix", S.target.prefix]
+    S.world = WorldProcess(args, redis_url=S.target.url if S.target is not None else None)
     try:
         info = S.world.start()
     except WorldError as exc:
@@ -116,9 +117,46 @@ def _on_init(environment: Environment, **_: Any) -> None:
     S.run_dir = Path(info.run_dir)
     opts.lt_world_url, opts.lt_world_prefix = info.redis_url, info.prefix
     opts.lt_world_run_dir = info.run_dir
-    print(f"load test: embedded Redis {info.redis_url}, prefix {info.prefix}, "
+    where = f"Redis {S.target.shown_url}" if S.target is not None else \
+        f"embedded Redis {info.redis_url}"
+    print(f"load test: {where}, prefix {info.prefix}, "
           f"{opts.governors} x {opts.governor_cmd or opts.governor} governor, run directory "
           f"{info.run_dir}", flush=True)
+
+
+def _staging_preflight(opts: Any) -> Any:
+    """``--redis-url``: the staging rules of :mod:`chaos.loadtest.staging` (preflight of
+    the server and the prefix, the rate ceiling) before anything is written; returns its
+    ``StagingTarget``. Without that module (another branch until merged) a shared Redis
+    is refused: never without its safety rules."""
+    try:
+        from chaos.loadtest import staging  # type: ignore[attr-defined]
+    except ImportError:
+        raise options.OptionError(
+            "--redis-url (staging) is not available yet: the staging safety module "
+            "(chaos.loadtest.staging) is not installed; run without it for an embedded "
+            "Redis") from None
+    if opts.external_governor:
+        raise options.OptionError("--external-governor is not wired in yet: the load test "
+                                  "starts its governor under a fresh prefix")
+    target = staging.preflight(opts.redis_url, opts.prefix or None,
+                               allow_remote=opts.allow_remote_redis, external_governor=False,
+                               owned_prefix=opts.owned_prefix)
+    ceiling = (staging.RateCeiling(opts.max_rate) if opts.max_rate
+               else staging.RateCeiling.for_target(target))
+    ceiling.check(opts.rate * _sender_processes(opts))  # the whole run's rate
+    return target
+
+
+def _sender_processes(opts: Any) -> int:
+    """Locust processes that send (each at ``--rate``): ``--processes`` or the workers
+    the master expects, else this one."""
+    procs = getattr(opts, "processes", None) or 0
+    if procs > 0:
+        return procs
+    if getattr(opts, "master", False):
+        return max(1, getattr(opts, "expect_workers", 1) or 1)
+    return 1
 
 
 def _fail(env: Environment, message: str, code: int) -> None:
@@ -165,6 +203,19 @@ def _on_worker_report(client_id: str, data: dict[str, Any], **_: Any) -> None:
     S.latency.merge(data)
 
 
+def _staging_cleanup() -> None:
+    """Remove this run's keys from the staging Redis, once the world (the apply layer,
+    the governors) has stopped writing."""
+    from chaos.loadtest import staging  # type: ignore[attr-defined]
+
+    try:
+        n = staging.cleanup(S.target)
+        print(f"load test: removed the run's {n} keys under {S.target.prefix}:", flush=True)
+    except staging.StagingError as exc:
+        print(f"load test: cleanup failed: {exc}", flush=True)
+    S.target = None
+
+
 @events.quitting.add_listener
 def _on_quitting(environment: Environment, **_: Any) -> None:
     if not _controller(environment) or S.finished:
@@ -179,6 +230,8 @@ def _on_quitting(environment: Environment, **_: Any) -> None:
         return
     final = S.world.stop()
     S.world = None
+    if S.target is not None:
+        _staging_cleanup()
     reaper.close()  # nothing of ours is left to watch; do not wait on the reaper at exit
     opts = environment.parsed_options
     figures = latency.summary(S.latency.total)

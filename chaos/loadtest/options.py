@@ -76,6 +76,8 @@ def add_arguments(parser: Any) -> None:
                    help="drive a governor already running on --redis-url with --prefix")
     g.add_argument("--allow-remote-redis", action="store_true", default=False,
                    help="allow a non-loopback --redis-url")
+    g.add_argument("--owned-prefix", action="store_true", default=False,
+                   help="--prefix is the load test's own: accept the keys found there")
     # Set by the master once the world is up; they reach the workers with the test start.
     for name in ("--lt-world-url", "--lt-world-prefix", "--lt-world-run-dir"):
         g.add_argument(name, default="", include_in_web_ui=False, help=argparse.SUPPRESS)
@@ -109,4 +111,4 @@ def settings(opts: Any, mix: Mapping[str, float]) -> dict[str, Any]:
             "run_time": getattr(opts, "run_time", None),
             "processes": getattr(opts, "processes", None),
             "redis_url": redact_url(opts.redis_url) if opts.redis_url else None,
-            "external_governor": opts.external_governor}
+            "prefix": opts.prefix or None, "external_governor": opts.external_governor}

@@ -45,6 +45,7 @@ READY_TIMEOUT_S = 90.0  # Redis and the governors starting on a busy machine
 STOP_TIMEOUT_S = 120.0  # settle + teardown + the checkers
 SETTLE_S = 10.0  # what the governors get to decide the plans still in flight at the end
 MODEL_TIMEOUT_S = 2.0  # the sequential-model check's budget (as ``chaos suite --quick``)
+STAGING_URL_ENV = "LOADTEST_REDIS_URL"  # in the environment: a password never shows in ps
 
 
 def loadtest_scenario(*, governors: int, symbols: int, seed: int = 1) -> scn.Scenario:
@@ -54,11 +55,39 @@ def loadtest_scenario(*, governors: int, symbols: int, seed: int = 1) -> scn.Sce
 
 
 class LoadWorld(Run):
-    """A :class:`Run` that stands until told to stop, for producers outside it."""
+    """A :class:`Run` that stands until told to stop, for producers outside it.
 
-    def __init__(self, opts: RunOptions, settings: dict[str, Any]) -> None:
+    ``redis_url`` / ``prefix``: a staging Redis that :func:`chaos.loadtest.staging.
+    preflight` accepted (in the Locust process, which also removes the run's keys at the
+    end with ``staging.cleanup``); the world then neither checks nor deletes the prefix.
+    """
+
+    def __init__(self, opts: RunOptions, settings: dict[str, Any], *,
+                 redis_url: str | None = None, prefix: str | None = None) -> None:
         super().__init__(opts)
         self.settings = settings
+        self.staging_url = redis_url
+        self.staging_prefix = prefix
+
+    def start_redis(self) -> None:
+        if not self.staging_url:
+            super().start_redis()
+            return
+        from chaos.redis_servers import UrlRedis
+        from chaos.redis_servers import redact_url as redact
+        from governor_ref.keys import Keys
+
+        assert self.staging_prefix
+        # No start(): its "prefix must be empty" rule is preflight's job (which also
+        # knows an owned prefix), and no cleanup at stop: staging.cleanup removes only
+        # what this run wrote.
+        self.provider = UrlRedis(self.staging_url, self.staging_prefix,
+                                    cleanup_on_stop=False)
+        self.keys = Keys(self.staging_prefix)
+        info = self.admin().info("server")
+        self.write_meta(redis={"kind": "url", "version": info.get("redis_version"),
+                               "url": redact(self.staging_url), "prefix": self.staging_prefix,
+                               "proxy": None})
 
     def prepare(self) -> None:
         super().prepare()
@@ -116,7 +145,8 @@ def serve(args: argparse.Namespace) -> int:
                                                  symbols=args.symbols, seed=args.seed),
                       governor=args.governor, governor_cmd=args.governor_cmd or None,
                       out=run_dir, progress=False, probe=False)
-    world = LoadWorld(opts, settings)
+    world = LoadWorld(opts, settings, redis_url=os.environ.get(STAGING_URL_ENV) or None,
+                      prefix=args.prefix or None)
     stop = _Stop()
 
     def on_signal(signum: int, frame: object) -> None:
@@ -173,6 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--governors", type=int, default=2)
     p.add_argument("--symbols", type=int, default=40)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--prefix", default=None, help="with $LOADTEST_REDIS_URL: the key prefix")
     p.add_argument("--settings", default=None, help="JSON for run.json's loadtest field")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
@@ -201,8 +232,9 @@ class WorldProcess:
     governors) down within a second.
     """
 
-    def __init__(self, args: list[str]) -> None:
+    def __init__(self, args: list[str], redis_url: str | None = None) -> None:
         self.args = args
+        self.redis_url = redis_url
         self.proc: subprocess.Popen[str] | None = None
         self.info: WorldInfo | None = None
         self.final: dict[str, Any] | None = None
@@ -210,7 +242,8 @@ class WorldProcess:
     def start(self, timeout: float = READY_TIMEOUT_S) -> WorldInfo:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "chaos.loadtest.world", *self.args],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True,
+            env={**os.environ, STAGING_URL_ENV: self.redis_url} if self.redis_url else None)
         reaper.watch(self.proc.pid, group=True)
         line = self._read_line(timeout)
         msg = json.loads(line) if line else {}
