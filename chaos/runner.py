@@ -170,9 +170,11 @@ class Run:
         return w
 
     def admin(self) -> redis.Redis:
-        """A client to the current primary (follows a Sentinel failover)."""
+        """A client to the current primary (follows a Sentinel failover). Invalid UTF-8
+        is replaced, not raised: XINFO STREAM (settling) shows the first and last entries,
+        and a malformed plan may be one of them."""
         assert self.provider is not None
-        return self.provider.client(decode_responses=True)
+        return self.provider.client(decode_responses=True, encoding_errors="replace")
 
     def raw_admin(self) -> redis.Redis:
         """Like :meth:`admin` but bytes in and out (streams may hold non-UTF-8 input)."""

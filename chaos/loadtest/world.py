@@ -176,7 +176,10 @@ def serve(args: argparse.Namespace) -> int:
                "run_dir": str(world.run_dir), "pid": os.getpid()})
         threading.Thread(target=watch_stdin, name="stdin", daemon=True).start()
         stop.event.wait()
-        world.finish(result, interrupted=stop.signal is not None)
+        try:
+            world.finish(result, interrupted=stop.signal is not None)
+        except Exception:  # noqa: BLE001 - torn down anyway (finish's finally): judge it
+            log.exception("the load-test world failed while stopping")
     except (HarnessError, scn.ScenarioError) as exc:
         _emit({"error": str(exc), "exit_code": 255 if isinstance(exc, HarnessError) else 254})
         return 255
