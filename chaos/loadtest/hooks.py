@@ -90,12 +90,7 @@ def _on_init(environment: Environment, **_: Any) -> None:
         S.mix = options.validate(opts)
         S.target = _staging_preflight(opts) if opts.redis_url else None
     except options.OptionError as exc:
-        _fail(environment, f"bad option: {exc}", 254)
-        return
-    except Exception as exc:  # staging.StagingError: a rule refused the target
-        if type(exc).__name__ != "StagingError":
-            raise
-        _fail(environment, f"staging refused: {exc}", 254)
+        _fail(environment, str(exc), 254)
         return
     run_dir, link = _run_dir(opts)
     args = ["--run-dir", str(run_dir), "--governor", opts.governor,
@@ -139,12 +134,15 @@ def _staging_preflight(opts: Any) -> Any:
     if opts.external_governor:
         raise options.OptionError("--external-governor is not wired in yet: the load test "
                                   "starts its governor under a fresh prefix")
-    target = staging.preflight(opts.redis_url, opts.prefix or None,
-                               allow_remote=opts.allow_remote_redis, external_governor=False,
-                               owned_prefix=opts.owned_prefix)
-    ceiling = (staging.RateCeiling(opts.max_rate) if opts.max_rate
-               else staging.RateCeiling.for_target(target))
-    ceiling.check(opts.rate * _sender_processes(opts))  # the whole run's rate
+    try:
+        target = staging.preflight(opts.redis_url, opts.prefix or None,
+                                   allow_remote=opts.allow_remote_redis,
+                                   external_governor=False, owned_prefix=opts.owned_prefix)
+        ceiling = (staging.RateCeiling(opts.max_rate) if opts.max_rate
+                   else staging.RateCeiling.for_target(target))
+        ceiling.check(opts.rate * _sender_processes(opts))  # the whole run's rate
+    except staging.StagingError as exc:
+        raise options.OptionError(f"staging refused: {exc}") from None
     return target
 
 
