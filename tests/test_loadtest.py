@@ -171,11 +171,15 @@ def test_ctrl_c_or_sigterm_stops_everything_and_still_judges(tmp_path: Path, sig
     assert _wait_gone(tmp_path / "run") == []
 
 
-def test_staging_redis_fresh_prefix_touches_nothing_else_and_cleans_up(tmp_path: Path) -> None:
-    """``--redis-url``: a separately started Redis holding another system's keys. The
-    run goes under a fresh ``lt-...`` prefix (staging preflight), leaves the other keys
-    as they were (DUMP before and after) and removes its own at the end."""
-    pytest.importorskip("chaos.loadtest.staging")
+def test_staging_as_acl_user_touches_nothing_else_and_cleans_up(tmp_path: Path) -> None:
+    """``--redis-url`` on a separately started Redis holding another system's keys, as
+    the least-privilege ACL user of :mod:`chaos.loadtest.staging` (its commands, keys
+    ``lt-acl:*`` only): the whole Locust run (world, governors, apply layer, senders,
+    readers, cleanup) is refused nothing, leaves the other keys as they were (DUMP before
+    and after) and removes its own; a prefix with live traffic is refused (254)."""
+    staging = pytest.importorskip("chaos.loadtest.staging")
+    from urllib.parse import urlsplit
+
     from chaos.redis_servers import provide
 
     with provide("embedded") as other:
@@ -184,17 +188,31 @@ def test_staging_redis_fresh_prefix_touches_nothing_else_and_cleans_up(tmp_path:
         c.hset(b"quantum:position:BTCUSDT", mapping={b"side": b"LONG"})
         c.xadd(b"quantum:stream:apply.plan", {b"plan_id": b"live-1"})
         before = {k: c.dump(k) for k in c.scan_iter(count=1000)}
-        p = _locust(tmp_path, "--redis-url", other.url, "--rate", "100", seconds=3)
+        c.execute_command("ACL", "SETUSER", *staging.acl_setuser_args(
+            "loadtest", "pw-lt", "lt-acl", include_governor=True))
+        c.execute_command("ACL", "LOG", "RESET")
+        u = urlsplit(other.url)
+        url = f"redis://loadtest:pw-lt@{u.hostname}:{u.port}/0"
+        p = _locust(tmp_path, "--redis-url", url, "--prefix", "lt-acl", "--rate", "100",
+                    seconds=3)
         out = p.stdout + p.stderr
         assert p.returncode == 0, out[-4000:]
         assert "verdict: VALID" in out and "removed the run's" in out
+        assert "pw-lt" not in out  # the password is never shown
+        log = c.execute_command("ACL", "LOG")  # redis-py parses each entry into a dict
+        refused = {str(e.get("object", e.get(b"object", ""))) for e in log}
+        # only redis-py's optional CLIENT SETINFO on connect (ignored by redis-py)
+        assert {o for o in refused if "client" not in o} == set(), log
+        c.execute_command("ACL", "DELUSER", "loadtest")
         after = {k: c.dump(k) for k in c.scan_iter(count=1000)}
         assert after == before  # nothing else touched, nothing of the run left
         meta = json.loads((tmp_path / "run" / "run.json").read_text())
-        assert meta["redis"]["kind"] == "url" and meta["redis"]["prefix"].startswith("lt-")
+        assert meta["redis"]["kind"] == "url" and meta["redis"]["prefix"] == "lt-acl"
+        assert "pw-lt" not in (tmp_path / "run" / "run.json").read_text()
         # a prefix with live traffic is refused before anything is written
         again = tmp_path / "again"
         again.mkdir()
         p = _locust(again, "--redis-url", other.url, "--prefix", "quantum", seconds=2)
         assert p.returncode == 254, (p.stdout + p.stderr)[-2000:]
+        assert "staging refused" in p.stdout + p.stderr
         assert {k: c.dump(k) for k in c.scan_iter(count=1000)} == before

@@ -74,7 +74,8 @@ def add_arguments(parser: Any) -> None:
     g.add_argument("--prefix", default="", help="key prefix on --redis-url")
     g.add_argument("--external-governor", action="store_true", default=False,
                    help="drive a governor already running on --redis-url with --prefix")
-    g.add_argument("--allow-remote-redis", action="store_true", default=False,
+    g.add_argument("--allow-remote-redis", "--allow-remote", dest="allow_remote_redis",
+                   action="store_true", default=False,
                    help="allow a non-loopback --redis-url")
     g.add_argument("--owned-prefix", action="store_true", default=False,
                    help="--prefix is the load test's own: accept the keys found there")
