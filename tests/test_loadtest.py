@@ -216,3 +216,45 @@ def test_staging_as_acl_user_touches_nothing_else_and_cleans_up(tmp_path: Path) 
         assert p.returncode == 254, (p.stdout + p.stderr)[-2000:]
         assert "staging refused" in p.stdout + p.stderr
         assert {k: c.dump(k) for k in c.scan_iter(count=1000)} == before
+
+
+def test_external_governor_on_staging_keeps_its_keys(tmp_path: Path) -> None:
+    """``--external-governor --prefix ext``: a reference governor already serves there
+    (started here, as another team would); the load test starts no governor, writes only
+    the inputs that are missing, is judged VALID, and its cleanup leaves the governor's
+    keys (its streams' groups, its config) in place."""
+    pytest.importorskip("chaos.loadtest.staging")
+    import redis
+
+    from chaos.redis_servers import provide
+
+    with provide("embedded") as other:
+        c = other.client(decode_responses=True)
+        env = dict(os.environ, REDIS_URL=other.url, GOVERNOR_PREFIX="ext",
+                   GOVERNOR_CONSUMER="ext-gov-1")
+        with (tmp_path / "gov.log").open("wb") as log:
+            gov = subprocess.Popen([sys.executable, "-m", "governor_ref", "run"], env=env,
+                                   stdin=subprocess.DEVNULL, stdout=log,
+                                   stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                try:
+                    if c.xinfo_groups("ext:stream:apply.plan") and c.exists("ext:gov:last_seen"):
+                        break
+                except redis.ResponseError:
+                    pass
+                time.sleep(0.1)
+            kept = set(c.scan_iter(match="ext:*"))
+            p = _locust(tmp_path, "--redis-url", other.url, "--prefix", "ext",
+                        "--external-governor", "--rate", "100", seconds=3)
+            out = p.stdout + p.stderr
+            assert p.returncode == 0, out[-4000:]
+            assert "an external governor" in out and "verdict: VALID" in out
+            assert not list((tmp_path / "run" / "logs").glob("gov-*.log"))  # none started
+            assert gov.poll() is None  # still serving
+            assert set(c.scan_iter(match="ext:*")) == kept  # the run's keys gone, its kept
+            assert c.xlen("ext:stream:apply.plan") == 0  # the run's plans taken out
+        finally:
+            gov.terminate()
+            gov.wait(timeout=10)

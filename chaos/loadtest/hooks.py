@@ -102,6 +102,11 @@ def _on_init(environment: Environment, **_: Any) -> None:
         args.append("--link-latest")
     if S.target is not None:
         args += ["--prefix", S.target.prefix]
+        if opts.external_governor:
+            args.append("--external-governor")
+    elif opts.external_governor:
+        _fail(environment, "--external-governor needs --redis-url and --prefix", 254)
+        return
     S.world = WorldProcess(args, redis_url=S.target.url if S.target is not None else None)
     try:
         info = S.world.start()
@@ -114,9 +119,10 @@ def _on_init(environment: Environment, **_: Any) -> None:
     opts.lt_world_run_dir = info.run_dir
     where = f"Redis {S.target.shown_url}" if S.target is not None else \
         f"embedded Redis {info.redis_url}"
-    print(f"load test: {where}, prefix {info.prefix}, "
-          f"{opts.governors} x {opts.governor_cmd or opts.governor} governor, run directory "
-          f"{info.run_dir}", flush=True)
+    gov = "an external governor" if opts.external_governor else \
+        f"{opts.governors} x {opts.governor_cmd or opts.governor} governor"
+    print(f"load test: {where}, prefix {info.prefix}, {gov}, run directory {info.run_dir}",
+          flush=True)
 
 
 def _staging_preflight(opts: Any) -> Any:
@@ -131,13 +137,11 @@ def _staging_preflight(opts: Any) -> Any:
             "--redis-url (staging) is not available yet: the staging safety module "
             "(chaos.loadtest.staging) is not installed; run without it for an embedded "
             "Redis") from None
-    if opts.external_governor:
-        raise options.OptionError("--external-governor is not wired in yet: the load test "
-                                  "starts its governor under a fresh prefix")
     try:
         target = staging.preflight(opts.redis_url, opts.prefix or None,
                                    allow_remote=opts.allow_remote_redis,
-                                   external_governor=False, owned_prefix=opts.owned_prefix)
+                                   external_governor=opts.external_governor,
+                                   owned_prefix=opts.owned_prefix)
         ceiling = (staging.RateCeiling(opts.max_rate) if opts.max_rate
                    else staging.RateCeiling.for_target(target))
         ceiling.check(opts.rate * _sender_processes(opts))  # the whole run's rate

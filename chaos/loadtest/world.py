@@ -63,11 +63,57 @@ class LoadWorld(Run):
     """
 
     def __init__(self, opts: RunOptions, settings: dict[str, Any], *,
-                 redis_url: str | None = None, prefix: str | None = None) -> None:
+                 redis_url: str | None = None, prefix: str | None = None,
+                 external_governor: bool = False) -> None:
         super().__init__(opts)
         self.settings = settings
         self.staging_url = redis_url
         self.staging_prefix = prefix
+        self.external_governor = external_governor
+
+    def write_inputs(self) -> None:
+        """Beside an external governor, write only the inputs its deployer did not (never
+        over ``P:governor:config``), and record the ones in force, as ``chaos run`` records
+        the ones it writes (the checkers judge capital and slots by them)."""
+        if not self.external_governor:
+            super().write_inputs()
+            return
+        assert self.keys is not None
+        import redis as redis_lib
+
+        from chaos.history import F as Fn
+        from chaos.probe import PROBE_SYMBOLS
+        from governor_ref.keys import GROUP_GOVERNOR
+
+        k, m = self.keys, self.sc.market
+        r = self.admin()
+        cfg = r.hgetall(k.config)
+        if not cfg:
+            cfg = self.sc.governor_config().to_hash()
+            r.hset(k.config, mapping=cfg)
+        pipe = r.pipeline()
+        pipe.set(k.regime, m.regime, nx=True)
+        pipe.set(k.capital, str(m.capital), nx=True)
+        pipe.set(k.exposure_pct, "0", nx=True)
+        symbols = self.symbols()
+        for s in [*symbols, *PROBE_SYMBOLS]:
+            pipe.set(k.allocation(s), json.dumps({"allocation_pct": m.allocation_pct}),
+                     nx=True)
+        pipe.execute()
+        regime, capital = r.get(k.regime), r.get(k.capital)
+        with contextlib.suppress(redis_lib.ResponseError):
+            r.xgroup_create(k.plans, GROUP_GOVERNOR, id="0", mkstream=True)
+        op = self.writer("operator")
+        op.ok(Fn.OPERATOR, key="config", config=cfg)
+        op.ok(Fn.OPERATOR, key="regime-initial", regime=regime, initial=True)
+        op.ok(Fn.OPERATOR, key="capital", capital=float(capital or m.capital),
+              allocation_pct=m.allocation_pct, symbols=symbols)
+        self.write_meta(governor_config=cfg, symbols=symbols, external_governor=True)
+
+    def start_governors(self) -> None:
+        if self.external_governor:
+            return  # it already serves on the prefix
+        super().start_governors()
 
     def start_redis(self) -> None:
         if not self.staging_url:
@@ -146,7 +192,7 @@ def serve(args: argparse.Namespace) -> int:
                       governor=args.governor, governor_cmd=args.governor_cmd or None,
                       out=run_dir, progress=False, probe=False)
     world = LoadWorld(opts, settings, redis_url=os.environ.get(STAGING_URL_ENV) or None,
-                      prefix=args.prefix or None)
+                      prefix=args.prefix or None, external_governor=args.external_governor)
     stop = _Stop()
 
     def on_signal(signum: int, frame: object) -> None:
@@ -207,6 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--symbols", type=int, default=40)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--prefix", default=None, help="with $LOADTEST_REDIS_URL: the key prefix")
+    p.add_argument("--external-governor", action="store_true",
+                   help="a governor already serves on --prefix: start none")
     p.add_argument("--settings", default=None, help="JSON for run.json's loadtest field")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
