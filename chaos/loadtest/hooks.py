@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ from locust.runners import LocalRunner, MasterRunner, WorkerRunner
 from chaos import reaper
 from chaos.loadtest import latency, options, user
 from chaos.loadtest.world import ROOT, WorldError, WorldProcess
+from chaos.runner import default_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +62,10 @@ def _controller(env: Environment) -> bool:
 
 
 def _run_dir(opts: Any) -> tuple[Path, bool]:
+    """``--run-dir``, or a new ``reports/loadtests/<time>/`` (then ``latest`` links it)."""
     if opts.run_dir:
         return Path(opts.run_dir).resolve(), False
-    base = ROOT.resolve()
-    stamp = time.strftime("%Y%m%dT%H%M%S")
-    d, n = base / stamp, 1
-    while d.exists():
-        n += 1
-        d = base / f"{stamp}-{n}"
-    return d, True
+    return default_run_dir("", ROOT.resolve()), True
 
 
 @events.init_command_line_parser.add_listener

@@ -36,7 +36,7 @@ from typing import IO, Any
 from chaos import reaper
 from chaos import scenario as scn
 from chaos.history import F
-from chaos.runner import HarnessError, Run, RunOptions, RunResult, default_run_dir
+from chaos.runner import HarnessError, Run, RunOptions, RunResult, _link_latest, default_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -233,14 +233,6 @@ def serve(args: argparse.Namespace) -> int:
     _emit({"stopped": True, "status": result.status, "exit_code": verdict.exit_code,
            "valid": verdict.valid, "summary": verdict.summary(), "coverage": verdict.coverage})
     return 0
-
-
-def _link_latest(run_dir: Path) -> None:
-    latest = run_dir.parent / "latest"
-    with contextlib.suppress(OSError):
-        if latest.is_symlink() or latest.exists():
-            latest.unlink()
-        latest.symlink_to(run_dir.name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
