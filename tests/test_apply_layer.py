@@ -6,7 +6,7 @@ from __future__ import annotations
 import multiprocessing
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import redis
+from govtools import wait_for
 
 from chaos.apply_layer import ApplyConfig, ApplyEvent, ApplyLayer, run_apply_process
 from chaos.exchange import Exchange, Order
@@ -47,17 +48,6 @@ def grant(r: redis.Redis, keys: Keys, plan_id: str, symbol: str = BTC, action: s
 
 def results(r: redis.Redis, keys: Keys) -> list[tuple[str, ExecutionResult]]:
     return [(i, ExecutionResult.from_fields(f)) for i, f in r.xrange(keys.results)]
-
-
-def wait_for(pred: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def wait_results(r: redis.Redis, keys: Keys, n: int, timeout: float = 5.0

@@ -19,12 +19,12 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
+from govtools import wait_for
 
 from chaos.governor_findings import describe, governor_findings
 from chaos.redis_servers import EmbeddedRedis
@@ -38,16 +38,6 @@ POISON = f"python {ROOT / 'tests' / 'governors' / 'poison_governor.py'}"
 def chaos(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "chaos", *args], capture_output=True,
                           text=True, timeout=timeout, cwd=ROOT)
-
-
-def wait_for(pred: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def survivors(script: str, redis_url: str) -> list[int]:

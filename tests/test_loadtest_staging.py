@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import redis
+from govtools import wait_for
 
 from chaos.apply_layer import ApplyConfig, ApplyLayer
 from chaos.exchange import Exchange
@@ -326,17 +327,6 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-def _wait(pred: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
 def _operator_inputs(c: redis.Redis, k: Keys, symbols: list[str]) -> None:
     """What the load test's operator writes before governors start (as in chaos.runner)."""
     pipe = c.pipeline()
@@ -390,7 +380,7 @@ def test_an_external_governors_idle_keys_are_accepted_and_kept(
     admin.hset(k.config, mapping=GovernorConfig().to_hash())  # its deployer wrote it
     gov = _start_governor(staging.url, pfx, "ext-1", tmp_path / "gov.log")
     try:
-        _wait(lambda: admin.exists(k.plans, k.results, k.last_seen) == 3, 15,
+        wait_for(lambda: admin.exists(k.plans, k.results, k.last_seen) == 3, 15,
               "the external governor's streams")
         idle = _under(admin, pfx)
         assert {x.decode() for x in idle} == {k.config, k.plans, k.results, k.last_seen}
@@ -418,8 +408,8 @@ def test_an_external_governors_idle_keys_are_accepted_and_kept(
         assert layer.started.wait(10)
         try:
             ids = _plans(c, k, 10, "ext")
-            _wait(lambda: _decided(c, k, ids), 15, "decisions")
-            _wait(lambda: c.xlen(k.results) > 0, 10, "results")
+            wait_for(lambda: _decided(c, k, ids), 15, "decisions")
+            wait_for(lambda: c.xlen(k.results) > 0, 10, "results")
         finally:
             layer.stop()
         c.close()
@@ -471,7 +461,7 @@ def test_the_acl_limited_user_suffices_for_a_small_load_test(
         assert c.info("server")["redis_version"]
         _operator_inputs(c, k, [f"S{i:02d}USDT" for i in range(6)])
         gov = _start_governor(url, pfx, "g1", tmp_path / "gov.log")
-        _wait(lambda: any(x["name"] == "g1" for x in c.xinfo_consumers(k.plans, GROUP_GOVERNOR))
+        wait_for(lambda: any(x["name"] == "g1" for x in c.xinfo_consumers(k.plans, GROUP_GOVERNOR))
               or gov.poll() is not None, 15, "the governor's consumer")
         assert gov.poll() is None, (tmp_path / "gov.log").read_text()
         layer = ApplyLayer(url, k, Exchange.create(tmp_path / "l.db", capital=10_000), FAST)
@@ -483,12 +473,12 @@ def test_the_acl_limited_user_suffices_for_a_small_load_test(
             cursor = c.xinfo_stream(k.plans)["first-entry"][0]
             assert c.xread({k.events: "0"}, count=100, block=2000)
             assert cursor
-            decided = _wait(lambda: _decided(c, k, ids), 15, "decisions")
+            decided = wait_for(lambda: _decided(c, k, ids), 15, "decisions")
             assert "PERMIT" in decided.values() and "BLOCK" in decided.values()
-            _wait(lambda: c.xlen(k.results) > 0, 10, "results")
-            _wait(lambda: c.xpending(k.events, GROUP_APPLY)["pending"] == 0, 10, "apply acks")
+            wait_for(lambda: c.xlen(k.results) > 0, 10, "results")
+            wait_for(lambda: c.xpending(k.events, GROUP_APPLY)["pending"] == 0, 10, "apply acks")
             assert c.xrevrange(k.results, count=1)
-            assert _wait(lambda: c.exists(k.position("S00USDT"))
+            assert wait_for(lambda: c.exists(k.position("S00USDT"))
                          or c.exists(k.position("S01USDT")), 5, "the mirror")
         finally:
             layer.stop()

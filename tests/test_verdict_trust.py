@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 import redis
-from test_apply_layer import FAST, grant, results, running, wait_for, wait_results
+from govtools import wait_for
+from test_apply_layer import FAST, grant, results, running, wait_results
 from test_checkers import Story, _open
 
 from chaos.apply_layer import ApplyEvent, ApplyLayer
