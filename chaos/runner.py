@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 ROOT_REPORTS = Path("reports") / "runs"
 DECISION_DEADLINE_MS = 60_000  # check_one_decision's deadline: a plan is overdue after it
+STALL_S = 10.0  # no delivery and no ack for this long while plans wait: the governors are stuck
 INTERRUPT_SETTLE_S = 2.0  # after Ctrl-C, what the governors get to decide what is in flight
 VARIANTS = ("reference", "seed", "legacy")
 
@@ -159,6 +160,7 @@ class Run:
         self.meta: dict[str, Any] = {}
         self._log_handler: logging.Handler | None = None
         self._workload_op: Op | None = None  # the workload phase's start
+        self._progress_at = time.monotonic()  # when group governor last moved (settle)
         self._healed = False  # the heal phase completed (an interruption after it is judged
         # by the usual rules)
         self._quiet: FaultEffectsToRunLog | None = None
@@ -377,7 +379,8 @@ class Run:
             phases.invoke(F.PHASE, key="heal")
             if self.nemesis is not None:
                 self.nemesis.heal_all()
-            self._settle()
+            if not self._settle():
+                self._cut_off_if_behind()
             phases.ok(F.PHASE, key="heal")
             self._healed = True
             if self.opts.probe:
@@ -468,19 +471,72 @@ class Run:
         if self.nemesis is not None:
             self.nemesis.stop()
 
-    def _settle(self, timeout: float = 30.0, quiet: bool = False) -> None:
-        """Until the governors have decided every plan (or the timeout: that is evidence too)."""
+    def _settle(self, timeout: float = 30.0, quiet: bool = False) -> bool:
+        """Until the governors have decided every plan (or the timeout: that is evidence
+        too). Returns whether group ``governor`` drained; when it did not, the governors'
+        progress decides what may be judged (:meth:`_cut_off_if_behind`)."""
         assert self.keys is not None
         deadline = time.monotonic() + timeout
+        self._progress_at = time.monotonic()
+        last_state: Any = None
         while time.monotonic() < deadline:
             try:
-                if group_drained(self.admin(), self.keys.plans, GROUP_GOVERNOR):
-                    return
+                admin = self.admin()
+                if group_drained(admin, self.keys.plans, GROUP_GOVERNOR):
+                    return True
+                state = _group_state(admin, self.keys.plans, GROUP_GOVERNOR)
+                if state != last_state:
+                    last_state, self._progress_at = state, time.monotonic()
             except redis.RedisError:
                 pass
             time.sleep(0.1)
         (log.info if quiet else log.warning)("plans not all decided %.0fs after the load "
                                              "stopped", timeout)
+        return False
+
+    def _cut_off_if_behind(self) -> None:
+        """The load stopped and the governors have not decided everything. The protocol
+        gives a governor :data:`DECISION_DEADLINE_MS` per plan; a run that ends sooner must
+        not call "never decided" what was sent within the deadline before the end, or a
+        governor that is merely behind (decisions still coming) would be INVALID because of
+        when the harness stopped: a ``cutoff`` phase, as for an interrupted run. A governor
+        that made no progress for :data:`STALL_S` (nothing delivered, nothing acked: stuck,
+        or crash-looping on an entry) is waited for until its oldest waiting plan reaches
+        the deadline (at most that long), so that the plan is judged at the deadline."""
+        start = self._workload_op
+        if start is None:
+            return
+        if time.monotonic() - self._progress_at >= STALL_S:
+            oldest_ms = None
+            with contextlib.suppress(redis.RedisError):
+                oldest_ms = _oldest_waiting_ms(self.admin(), self.keys.plans, GROUP_GOVERNOR)
+            wait_s = ((oldest_ms + DECISION_DEADLINE_MS) / 1000 - time.time() + 0.5
+                      if oldest_ms else 0.0)
+            if wait_s > 0:
+                log.warning("the governors made no progress for %.0f s with plans waiting: "
+                            "waiting %.0f s more, until the oldest reaches the %d s decision "
+                            "deadline", STALL_S, wait_s, DECISION_DEADLINE_MS // 1000)
+                if self._settle(timeout=wait_s, quiet=True):
+                    return
+        else:
+            log.warning("the governors were still deciding when the run ended: plans sent "
+                        "within the last %d s without a decision are not judged",
+                        DECISION_DEADLINE_MS // 1000)
+        self._write_cutoff(start, reason="behind")
+
+    def _write_cutoff(self, start: Op, **value: Any) -> None:
+        """A ``cutoff`` phase one decision deadline before now (never before the load
+        began): :func:`~chaos.checkers.invariants.check_one_decision` judges no plan sent
+        after it as never decided."""
+        wall_ms = int(time.time() * 1000)
+        cutoff = wall_ms - DECISION_DEADLINE_MS
+        t_ns = time.monotonic_ns() - DECISION_DEADLINE_MS * 1_000_000
+        if cutoff < start.wall_ms:  # never before the load began: the run's time frame
+            cutoff, t_ns = start.wall_ms - 1, start.time_ns - 2  # starts where it did
+        write_history(self.run_dir, [
+            Op(typ, str(F.PHASE), "runner", t_ns + i, cutoff, "cutoff",
+               value={"deadline_ms": DECISION_DEADLINE_MS, "ended_ms": wall_ms, **value})
+            for i, typ in enumerate((OpType.INVOKE, OpType.OK))], name="runner-cutoff")
 
     def teardown(self, result: RunResult) -> None:
         """Stop every part in order. A Ctrl-C or SIGTERM arriving meanwhile is held until
@@ -548,15 +604,7 @@ class Run:
             return  # no plan was sent
         if self.supervisor is not None and self.keys is not None:
             self._settle(timeout=INTERRUPT_SETTLE_S, quiet=True)
-        wall_ms = int(time.time() * 1000)
-        cutoff = wall_ms - DECISION_DEADLINE_MS
-        t_ns = time.monotonic_ns() - DECISION_DEADLINE_MS * 1_000_000
-        if cutoff < start.wall_ms:  # never before the load began: the run's time frame
-            cutoff, t_ns = start.wall_ms - 1, start.time_ns - 2  # starts where it did
-        write_history(self.run_dir, [
-            Op(typ, str(F.PHASE), "runner", t_ns + i, cutoff, "cutoff",
-               value={"deadline_ms": DECISION_DEADLINE_MS, "interrupted_ms": wall_ms})
-            for i, typ in enumerate((OpType.INVOKE, OpType.OK))], name="runner-cutoff")
+        self._write_cutoff(start, reason="interrupted")
 
     def _final_record(self) -> None:
         assert self.recorder is not None
@@ -591,6 +639,33 @@ class Run:
         src = getattr(self.provider, "log_path", None)
         if src and Path(src).is_file():
             (self.run_dir / "logs" / "redis.log").write_bytes(Path(src).read_bytes())
+
+
+def _oldest_waiting_ms(r: redis.Redis, stream: str, group: str) -> int | None:
+    """When the oldest plan still waiting for group ``group`` was added (its entry id's
+    Redis ms): the oldest pending entry, or the first not yet delivered."""
+    ids: list[Any] = []
+    summary = r.xpending(stream, group)
+    if summary.get("pending"):
+        ids.append(summary["min"])
+    for g in r.xinfo_groups(stream):
+        name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
+        if name == group:
+            after = g["last-delivered-id"]
+            after = after.decode() if isinstance(after, bytes) else after
+            ids += [eid for eid, _ in r.xrange(stream, f"({after}", "+", count=1)]
+    ms = [int((i.decode() if isinstance(i, bytes) else i).split("-")[0]) for i in ids]
+    return min(ms) if ms else None
+
+
+def _group_state(r: redis.Redis, stream: str, group: str) -> tuple[Any, Any] | None:
+    """Group ``group``'s last-delivered id and pending count: when neither moves while
+    plans wait, its consumers are not working through them."""
+    for g in r.xinfo_groups(stream):
+        name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
+        if name == group:
+            return g["last-delivered-id"], g["pending"]
+    return None
 
 
 @contextlib.contextmanager

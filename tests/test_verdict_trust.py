@@ -233,11 +233,13 @@ def test_an_import_has_coverage_and_no_exercised_rule(story: Story) -> None:
 
 
 # -- whole runs, real processes ---------------------------------------------------------------
-def _chaos_run(tmp_path: Path, governor: str, duration: float = 3) -> tuple[int, str, dict]:
+def _chaos_run(tmp_path: Path, governor: str, duration: float = 3,
+               extra: tuple[str, ...] = ()) -> tuple[int, str, dict]:
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "chaos", "run", "--scenario", "open-storm", "--duration",
            str(duration), "--no-report", "--out", str(out), "--probe-max-wait", "5",
-           "--governor-cmd", f"{sys.executable} {ROOT / 'tests' / 'governors' / governor}"]
+           "--governor-cmd", f"{sys.executable} {ROOT / 'tests' / 'governors' / governor}",
+           *extra]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
@@ -260,6 +262,26 @@ def test_a_governor_that_permits_nothing_of_the_workload_is_unknown_with_the_rea
     assert cov["exercised"] is False and cov["permits"] == 0 and cov["plans_decided"] > 100
     assert cov["probe_permits_executed"] > 0
     assert all(r["valid"] is True for r in res["invariants"].values())
+
+
+def test_a_governor_still_deciding_when_the_run_ends_is_not_judged_never_decided(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A governor that takes 150 ms per plan is far behind a 1,000 plans/s storm when the
+    load stops, and still deciding when the 30 s settle ends. The protocol gives each plan
+    60 s: what was sent within that before the end is not "never decided" (a ``cutoff``
+    phase, reason ``behind``), so the verdict does not hang on when the harness stopped."""
+    monkeypatch.setenv("MINIMAL_GOVERNOR_DELAY_MS", "150")
+    rc, text, res = _chaos_run(tmp_path, "minimal_governor.py", duration=2,
+                               extra=("--no-probe",))
+    one = res["invariants"]["one_decision"]
+    assert one["valid"] is True, text
+    assert "still deciding when the run ended" in text, text
+    cutoffs = [json.loads(line) for f in (tmp_path / "run" / "history").glob("runner-cutoff*")
+               for line in f.read_text().splitlines()]
+    assert cutoffs and all(c["value"]["reason"] == "behind" for c in cutoffs), cutoffs
+    assert 0 < res["coverage"]["plans_decided"] < res["coverage"]["plans_added"], \
+        res["coverage"]
+    assert rc == 2  # it BLOCKs everything: valid invariants, nothing exercised
 
 
 def test_a_governor_that_writes_informational_entries_is_valid_with_its_coverage(

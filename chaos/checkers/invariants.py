@@ -438,10 +438,12 @@ def check_fresh_intent(facts: Facts) -> CheckResult:
 # -- one decision ---------------------------------------------------------------------------
 def check_one_decision(facts: Facts, deadline_ms: int = 60_000) -> CheckResult:
     vs: list[Violation] = []
-    # Plans submitted after the faults healed (or, in an import, after the cutoff: the last
-    # entry minus the deadline) may still be waiting for their decision.
-    end_ms = (facts.phases.get("heal", {}).get("ok") or facts.phases.get("cutoff", {}).get("ok")
-              or facts.last_ms or 0)
+    # Plans submitted after the faults healed may still be waiting for their decision; so
+    # may those after a cutoff (an import's last entry, or the end of a run that stopped
+    # while its governors were behind, minus the decision deadline): the earlier one holds.
+    ends = [ms for ms in (facts.phases.get("heal", {}).get("ok"),
+                          facts.phases.get("cutoff", {}).get("ok")) if ms]
+    end_ms = min(ends) if ends else facts.last_ms or 0
     data_lost = facts.stream_resets > 0
     expected = 0
     decisions = facts.decisions

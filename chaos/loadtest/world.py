@@ -161,7 +161,8 @@ class LoadWorld(Run):
             else:
                 self.phases.ok(F.PHASE, key="workload")
                 self.phases.invoke(F.PHASE, key="heal")
-                self._settle(timeout=SETTLE_S)
+                if not self._settle(timeout=SETTLE_S):
+                    self._cut_off_if_behind()
                 self.phases.ok(F.PHASE, key="heal")
                 self._healed = True
         finally:

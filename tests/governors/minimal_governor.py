@@ -8,7 +8,8 @@ first read returns, so the harness must not require that listing to call it read
 
 It BLOCKs every plan that carries a plan id (reason ``minimal_governor_blocks_all``): a
 decision per plan, nothing permitted, so it never needs state. Fields are decoded
-leniently: bad input is BLOCKed, never fatal.
+leniently: bad input is BLOCKed, never fatal. ``MINIMAL_GOVERNOR_DELAY_MS`` makes it slow:
+it sleeps that long before each decision (a governor that falls behind its load).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def _text(value: bytes | None) -> str:
 def main() -> int:
     url, prefix = os.environ["REDIS_URL"], os.environ["GOVERNOR_PREFIX"]
     consumer = os.environ["GOVERNOR_CONSUMER"]
+    delay_s = float(os.environ.get("MINIMAL_GOVERNOR_DELAY_MS") or 0) / 1000
     plans, events = prefix + STREAM_SUFFIX, prefix + EVENTS_SUFFIX
     r = redis.Redis.from_url(url, decode_responses=False, socket_timeout=10)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -47,6 +49,7 @@ def main() -> int:
             for entry_id, fields in entries:
                 plan_id = _text(fields.get(b"plan_id"))
                 if plan_id:
+                    time.sleep(delay_s)
                     r.xadd(events, {
                         "plan_id": plan_id, "symbol": _text(fields.get(b"symbol")),
                         "action": _text(fields.get(b"action")), "decision": "BLOCK",
