@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 import threading
@@ -165,8 +166,10 @@ def _main(args: argparse.Namespace) -> int:
         if args.command == "import":
             return _import(args)
         if args.command == "demo":
-            if args.seconds <= 0 or args.governors < 1:
-                print("chaos demo: --seconds must be > 0 and --governors >= 1", file=sys.stderr)
+            if not (math.isfinite(args.seconds) and 0 < args.seconds <= 86400) or \
+                    not 1 <= args.governors <= 64:
+                print("chaos demo: --seconds must be within 0..86400 (exclusive of 0) and "
+                      "--governors within 1..64", file=sys.stderr)
                 return EXIT_BAD_ARGS
             from chaos.demo import format_result, run_demo
 
@@ -237,7 +240,6 @@ def _reach(url: str) -> str | None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import math
 
     from chaos import scenario as scn
     from chaos.redis_servers import RedisProviderError

@@ -42,6 +42,10 @@ def test_chaos_bad_arguments_exit_254() -> None:
     assert "--seconds" in p.stderr
     p = _run("-m", "chaos", "nosuchcommand")
     assert p.returncode == 254
+    for bad in (("--seconds", "nan"), ("--seconds", "inf"), ("--seconds", "0"),
+                ("--governors", "0"), ("--governors", "1000")):
+        p = _run("-m", "chaos", "demo", *bad)
+        assert p.returncode == 254 and bad[0] in p.stderr, (bad, p.stderr)
 
 
 def test_governor_ref_rejects_unknown_variant_and_bad_url() -> None:
