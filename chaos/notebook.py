@@ -1,0 +1,285 @@
+"""``chaos notebook``: run one of the shipped notebooks on a run directory, headless.
+
+The notebooks (``notebooks/NN_name.py``, Jupytext percent format, paired with ``.ipynb``)
+are executed with papermill into ``RUN_DIR/notebooks/NAME.ipynb`` and, with ``html=True``,
+exported to a self-contained ``NAME.html`` without the code cells. What each notebook
+needs from a run is declared here once (:data:`NOTEBOOKS`); the notebook's first cell calls
+:func:`open_run` with the same declaration, so the command checks up front exactly what the
+notebook would fail on, and names it in one line instead of a traceback deep in a cell.
+
+The kernel is this interpreter's own: a kernel spec naming ``sys.executable`` is written to
+a temporary directory put first on ``JUPYTER_PATH`` for the execution, so neither a
+``python3`` spec installed elsewhere (another venv's, a system Jupyter's) nor the network
+is involved.
+
+Where the notebooks are: ``chaos/notebooks/`` in an installed wheel (package data mapped
+from the repository's ``notebooks/``, see pyproject.toml), else the checkout's
+``notebooks/`` beside the package (editable installs and a plain checkout).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from chaos.analysis import RunFrames
+
+KERNEL_NAME = "governor-audit"
+MARKER_ENV = "CHAOS_NOTEBOOK_KERNEL"
+
+
+@dataclass(frozen=True)
+class Notebook:
+    """One shipped notebook and what it needs from its run directory."""
+
+    name: str
+    shows: str
+    needs: tuple[str, ...] = ()  # frames that must not be empty (RunFrames.require)
+    params: dict[str, str] = field(default_factory=dict)  # its parameters beyond run_dir
+
+
+NOTEBOOKS: dict[str, Notebook] = {nb.name: nb for nb in (
+    Notebook("01_chaos_run_overview", "verdict, violations explained, open positions vs "
+             "slots, decisions and blocks by reason, fault windows", ("plans", "decisions")),
+    Notebook("02_slots_and_capital", "the slot semaphore and the capital reservations "
+             "against the ledger: drift, lost or doubled releases, expired leases",
+             ("decisions", "slot_leases")),
+    Notebook("03_locks_and_ttls", "exit-lock holders per symbol, TTL expiries, locks that "
+             "expired while their close was in flight, fencing tokens",
+             ("decisions", "exit_locks")),
+    Notebook("04_compare_governors", "runs or suites side by side: verdicts, violations "
+             "per invariant, decision latency", (),
+             {"run_dirs": "run or suite directories to compare (default: run_dir)"}),
+    Notebook("05_load_test", "a load test: throughput, p50/p99 decision latency and block "
+             "reasons over time, the verdict, Locust's own figures", ("decisions", "latency"),
+             {"locust_csv_prefix": "Locust's --csv prefix (default: a *_stats_history.csv "
+                                   "inside run_dir, if any)"}),
+    Notebook("06_post_incident", "an imported incident: timeline, the checkers' findings, "
+             "the violations explained", ("plans", "decisions")),
+)}
+
+
+class UnknownNotebook(ValueError):
+    """A name that is none of :data:`NOTEBOOKS` (nor a unique prefix of one)."""
+
+
+class NotebookFailed(RuntimeError):
+    """A cell raised something else than MissingData: a harness or notebook defect."""
+
+
+def resolve(name: str) -> Notebook:
+    """``01``, ``01_chaos``, ``01_chaos_run_overview`` or ``…ipynb``/``…py`` -> the notebook."""
+    key = Path(name).name.removesuffix(".ipynb").removesuffix(".py")
+    if key in NOTEBOOKS:
+        return NOTEBOOKS[key]
+    hits = [nb for n, nb in NOTEBOOKS.items() if key and n.startswith(key)]
+    if len(hits) == 1:
+        return hits[0]
+    raise UnknownNotebook(f"unknown notebook {name!r}; valid: {', '.join(NOTEBOOKS)} "
+                          "(or their number, e.g. 01)")
+
+
+def notebooks_dir() -> Path:
+    """The directory holding the shipped ``.ipynb`` files (see the module docstring)."""
+    pkg = Path(__file__).resolve().parent
+    for d in (pkg / "notebooks", pkg.parent / "notebooks"):
+        if (d / "jupytext.toml").is_file():
+            return d
+    raise FileNotFoundError(f"the notebooks are not installed (looked in {pkg / 'notebooks'} "
+                            f"and {pkg.parent / 'notebooks'})")
+
+
+def open_run(name: str, run_dir: str | Path) -> RunFrames:
+    """The run loaded for notebook ``name``; raises MissingData naming what it lacks.
+
+    The notebooks' first cell and the command's check up front are this one call.
+    """
+    from chaos.analysis import load_run
+
+    run = load_run(Path(run_dir))
+    needs = resolve(name).needs
+    if needs:
+        run.require(*needs)
+    return run
+
+
+def check(nb: Notebook, run_dir: Path, params: dict[str, Any]) -> None:
+    """Raise MissingData before a kernel starts if the notebook would (one message)."""
+    from chaos.analysis import MissingData
+
+    if nb.name == "04_compare_governors":
+        from chaos.analysis.compare import find_runs
+
+        dirs = params.get("run_dirs") or [run_dir]
+        if not find_runs(dirs):
+            raise MissingData(f"no run directory in {', '.join(map(str, dirs))}")
+        return
+    open_run(nb.name, run_dir)
+    if nb.name == "05_load_test" and params.get("locust_csv_prefix"):
+        from chaos.analysis.loadtest import stats_history_path
+
+        stats_history_path(run_dir, params["locust_csv_prefix"])  # raises MissingData
+
+
+@dataclass(frozen=True)
+class Executed:
+    ipynb: Path
+    html: Path | None
+
+
+def execute(name: str, run_dir: Path, params: dict[str, Any] | None = None, *,
+            html: bool = False, progress: bool = True) -> Executed:
+    """Execute notebook ``name`` on ``run_dir`` into ``run_dir/notebooks/``.
+
+    Raises UnknownNotebook, MissingData (checked up front, and a cell's MissingData turned
+    back into the same exception), NotebookFailed for any other cell error. A Ctrl-C stops
+    the kernel (nbclient shuts it down) and surfaces as KeyboardInterrupt.
+    """
+    import papermill as pm
+    from papermill.exceptions import PapermillExecutionError
+
+    from chaos.analysis import MissingData
+
+    nb = resolve(name)
+    run_dir = Path(run_dir).resolve()
+    params = {k: _pathify(v) for k, v in (params or {}).items()}
+    check(nb, run_dir, params)
+    out_dir = run_dir / "notebooks"
+    out_dir.mkdir(exist_ok=True)
+    out = out_dir / f"{nb.name}.ipynb"
+    source = notebooks_dir() / f"{nb.name}.ipynb"
+    with own_kernel() as (kernel, marker):
+        try:
+            _run_interruptibly(marker, lambda: pm.execute_notebook(
+                source, out, parameters={"run_dir": str(run_dir), **params},
+                kernel_name=kernel, language="python", progress_bar=progress, cwd=str(out_dir),
+                start_timeout=120))
+        except PapermillExecutionError as exc:
+            if exc.ename == "MissingData":
+                raise MissingData(exc.evalue) from None
+            raise NotebookFailed(f"{nb.name}: cell [{exc.exec_count}] raised {exc.ename}: "
+                                 f"{exc.evalue} (executed notebook: {out})") from None
+    return Executed(out, export_html(out) if html else None)
+
+
+def _run_interruptibly(marker: str, job: Callable[[], object]) -> None:
+    """Run ``job`` (papermill) in a thread; a Ctrl-C or SIGTERM stops the kernel.
+
+    Why a thread: while nbclient runs a kernel in the main thread it replaces the SIGINT
+    and SIGTERM handlers with its own, which schedule a kernel shutdown that waits for the
+    running cell, so a Ctrl-C did nothing until the notebook had finished (measured). In a
+    thread it installs none; the main thread gets the KeyboardInterrupt, interrupts the
+    kernel (the cell ends, nbclient shuts the kernel down and papermill saves the notebook
+    so far), and kills it if that takes more than a few seconds.
+    """
+    box: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            job()
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            box.append(exc)
+
+    worker = threading.Thread(target=target, name="papermill", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.2)
+    except KeyboardInterrupt:
+        for sig, wait in ((signal.SIGINT, 5.0), (signal.SIGKILL, 5.0)):
+            _signal_kernels(marker, sig)
+            worker.join(wait)
+            if not worker.is_alive():
+                break
+        raise
+    if box:
+        raise box[0]
+
+
+def _signal_kernels(marker: str, sig: int) -> None:
+    """Signal this process's kernels (their environment carries ``marker``), with their
+    process groups (a kernel is its own session leader; a cell may have started children)."""
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error, OSError):
+            if child.environ().get(MARKER_ENV) == marker:
+                if sig == signal.SIGKILL:
+                    os.killpg(child.pid, sig)
+                else:
+                    child.send_signal(sig)
+
+
+def _pathify(value: Any) -> Any:
+    """Parameters that are paths reach the kernel as absolute strings (its cwd differs)."""
+    if isinstance(value, Path):
+        return str(value.resolve())
+    if isinstance(value, list):
+        return [_pathify(v) for v in value]
+    return value
+
+
+@contextlib.contextmanager
+def own_kernel() -> Iterator[tuple[str, str]]:
+    """A kernel spec for ``sys.executable`` in a temp dir first on ``JUPYTER_PATH``.
+
+    Why not ``python3``: that name resolves to whatever spec is found first (another
+    venv's, a system Jupyter's), or to a ``python`` on PATH; the notebooks must run in the
+    interpreter that has this package and its analysis layer. Yields the kernel name and
+    the marker its processes carry in their environment (``CHAOS_NOTEBOOK_KERNEL``).
+    """
+    with tempfile.TemporaryDirectory(prefix="chaos-kernel-") as tmp:
+        spec = Path(tmp) / "kernels" / KERNEL_NAME
+        spec.mkdir(parents=True)
+        (spec / "kernel.json").write_text(json.dumps({
+            "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}",
+                     "--IPKernelApp.log_level=ERROR"],
+            "env": {MARKER_ENV: tmp},
+            "display_name": f"governor-audit ({sys.executable})", "language": "python",
+            "metadata": {"debugger": False}}))
+        old = os.environ.get("JUPYTER_PATH")
+        os.environ["JUPYTER_PATH"] = os.pathsep.join(filter(None, (tmp, old)))
+        try:
+            yield KERNEL_NAME, tmp
+        finally:
+            if old is None:
+                os.environ.pop("JUPYTER_PATH", None)
+            else:
+                os.environ["JUPYTER_PATH"] = old
+
+
+# JupyterLab's page without what it loads from the network (require.js, MathJax, mermaid):
+# the notebooks draw with matplotlib (PNG outputs, embedded as data: URIs) and write no
+# LaTeX, so the export needs none of it and opens offline.
+_HTML_TEMPLATE = """{%- extends 'index.html.j2' -%}
+{%- block html_head_js -%}{%- endblock html_head_js -%}
+{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+"""
+
+
+def export_html(ipynb: Path) -> Path:
+    """``NAME.html`` beside ``ipynb``: outputs only (no code cells, no prompts), images
+    embedded, nothing fetched from the network."""
+    import nbformat
+    from jinja2 import DictLoader
+    from nbconvert import HTMLExporter
+
+    exporter = HTMLExporter(template_name="lab", template_file="chaos-report.html.j2",
+                            extra_loaders=[DictLoader({"chaos-report.html.j2": _HTML_TEMPLATE})],
+                            exclude_input=True, exclude_input_prompt=True,
+                            exclude_output_prompt=True, embed_images=True)
+    body, _ = exporter.from_notebook_node(nbformat.read(ipynb, as_version=4))
+    out = ipynb.with_suffix(".html")
+    out.write_text(body, encoding="utf-8")
+    return out
