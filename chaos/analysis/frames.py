@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from collections.abc import Iterable
 from functools import cached_property
 from operator import attrgetter, itemgetter
@@ -28,7 +29,8 @@ from chaos.checkers.facts import HistoryError
 from chaos.history import HISTORY_DIR, history_files
 from chaos.rundir import RunDirError, _check_meta
 
-__all__ = ["COLUMNS", "MissingData", "RunFrames", "humanize", "load_run"]
+__all__ = ["COLUMNS", "MissingData", "RunFrames", "explain", "fault_note", "humanize",
+           "load_run"]
 
 # The columns of every frame (the contract with the notebooks: only ever added to).
 COLUMNS: dict[str, tuple[str, ...]] = {
@@ -611,6 +613,14 @@ class RunFrames:
             "faults": [list(v.faults) for v in vs]})
         df["t"] = self.s(df["wall_ms"])
         return df[list(COLUMNS["violations"])]
+
+
+def fault_note(run: RunFrames) -> str:
+    """The run's faults in a few words: "faults: kill_governor x2, partition x1"."""
+    if not run.facts.faults:
+        return "no faults"
+    c = Counter(w.kind for w in run.facts.faults)
+    return "faults: " + ", ".join(f"{k} x{n}" for k, n in sorted(c.items()))
 
 
 def explain(v: Violation, t0: int) -> str:
