@@ -9,3 +9,7 @@ See docs/analysis.md.
 from chaos.analysis.frames import COLUMNS, MissingData, RunFrames, load_run
 
 __all__ = ["COLUMNS", "MissingData", "RunFrames", "load_run"]
+from chaos.analysis.compare import compare_runs  # noqa: E402 - nbinfra's, after frames
+from chaos.analysis.loadtest import locust_stats  # noqa: E402
+
+__all__ += ["compare_runs", "locust_stats"]

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
 
 from chaos.analysis.frames import MissingData, RunFrames, load_run
 from chaos.checkers import INVARIANTS
 from chaos.history import HISTORY_DIR
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["compare_runs", "find_runs", "plot_latency", "plot_violations", "run_row"]
 
@@ -90,6 +93,8 @@ def _label(row: pd.Series) -> str:
 
 def plot_violations(df: pd.DataFrame) -> Figure:
     """Violations per invariant, one stacked bar per run (the verdict above each)."""
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(12, 4.5), layout="constrained")
     ax = fig.subplots()
     x = np.arange(len(df))
@@ -114,6 +119,8 @@ def plot_violations(df: pd.DataFrame) -> Figure:
 
 def plot_latency(df: pd.DataFrame) -> Figure:
     """Decision latency p50 and p99 per run (plan on the stream -> decision entry)."""
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(12, 4), layout="constrained")
     ax = fig.subplots()
     x = np.arange(len(df))

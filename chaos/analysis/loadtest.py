@@ -12,12 +12,15 @@ trust, this is the load generator's view beside it.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
 
 from chaos.analysis.frames import MissingData, RunFrames
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["locust_stats", "plot_locust", "stats_history_path"]
 
@@ -75,6 +78,8 @@ def locust_stats(run: RunFrames | str | Path,
 def plot_locust(stats: pd.DataFrame, run: RunFrames | None = None) -> Figure:
     """Locust's aggregated throughput and its rolling p50/p99 over time (fault windows
     shaded when a run is given)."""
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(12, 5.5), layout="constrained")
     ax_rate, ax_lat = fig.subplots(2, 1, sharex=True)
     agg = stats[stats["name"] == "Aggregated"] if len(stats) else stats
