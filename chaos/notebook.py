@@ -12,15 +12,16 @@ a temporary directory put first on ``JUPYTER_PATH`` for the execution, so neithe
 ``python3`` spec installed elsewhere (another venv's, a system Jupyter's) nor the network
 is involved.
 
-Where the notebooks are: ``chaos/notebooks/`` in an installed wheel (package data mapped
-from the repository's ``notebooks/``, see pyproject.toml), else the checkout's
-``notebooks/`` beside the package (editable installs and a plain checkout).
+Where the notebooks are: the repository's ``notebooks/`` is the source; ``chaos/notebooks``
+is a symlink to it, so a wheel ships them as package data and an editable install or a
+checkout finds them through the link (or beside the package, should the link be lost).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -279,6 +280,7 @@ def export_html(ipynb: Path) -> Path:
                             extra_loaders=[DictLoader({"chaos-report.html.j2": _HTML_TEMPLATE})],
                             exclude_input=True, exclude_input_prompt=True,
                             exclude_output_prompt=True, embed_images=True)
+    exporter.log.setLevel(logging.ERROR)  # not "alternative text is missing" per figure
     body, _ = exporter.from_notebook_node(nbformat.read(ipynb, as_version=4))
     out = ipynb.with_suffix(".html")
     out.write_text(body, encoding="utf-8")

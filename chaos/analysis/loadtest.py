@@ -22,7 +22,7 @@ from chaos.analysis.frames import MissingData, RunFrames
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["locust_stats", "plot_locust", "stats_history_path"]
+__all__ = ["aggregated", "locust_stats", "plot_locust", "stats_history_path"]
 
 SUFFIX = "_stats_history.csv"
 # Locust's column -> ours (the percentiles keep their names as p50, p99, ...)
@@ -75,6 +75,12 @@ def locust_stats(run: RunFrames | str | Path,
     return df[[*COLUMNS, *(c for c in df.columns if c not in COLUMNS and c != "ts")]]
 
 
+def aggregated(stats: pd.DataFrame) -> pd.DataFrame:
+    """The ``Aggregated`` rows: time, users, requests/s, Locust's p50/p99, the counts."""
+    return stats[stats["name"] == "Aggregated"][["t", "users", "rate", "p50", "p99", "requests",
+                                                 "failures"]].reset_index(drop=True)
+
+
 def plot_locust(stats: pd.DataFrame, run: RunFrames | None = None) -> Figure:
     """Locust's aggregated throughput and its rolling p50/p99 over time (fault windows
     shaded when a run is given)."""
@@ -88,7 +94,8 @@ def plot_locust(stats: pd.DataFrame, run: RunFrames | None = None) -> Figure:
             ax.text(0.5, 0.5, "no data: no Locust stats history (run locust with --csv)",
                     transform=ax.transAxes, ha="center", va="center", color="#555555")
         return fig
-    ax_rate.plot(agg["t"], agg["rate"], color="#1f77b4", label="requests/s (from the count)")
+    ax_rate.plot(agg["t"], agg["rate"], color="#1f77b4", drawstyle="steps-pre",
+                 label="requests/s (from the count)")
     ax_rate.plot(agg["t"], agg["rps"], color="#1f77b4", ls=":", label="Locust's Requests/s")
     ax_rate.plot(agg["t"], agg["fps"], color="#d62728", label="failures/s")
     ax_rate.set_ylabel("per second")

@@ -15,8 +15,9 @@ import pandas as pd
 
 from chaos.analysis.frames import RunFrames
 
-__all__ = ["ends", "fence_checks", "header", "invariants", "lock_holders", "lock_overlaps",
-           "over_limit", "timeline", "violation_events", "violations"]
+__all__ = ["ends", "expired_in_flight", "fence_checks", "header", "invariants", "lock_ends",
+           "lock_holders", "lock_overlaps", "over_limit", "timeline", "violation_events",
+           "violations"]
 
 _WORD = {True: "ok", False: "VIOLATED", None: "unknown"}
 _TIME_KEYS = ("wall_ms", "entry_ms", "issued_at_ms", "decided_at_ms", "ms", "start_ms",
@@ -168,6 +169,24 @@ def lock_holders(run: RunFrames) -> pd.DataFrame:
     emitter = x["plan_id"].map(run.plans.drop_duplicates("plan_id").set_index("plan_id")[
         "emitter"]) if not run.plans.empty else pd.Series(None, index=x.index)
     return x.assign(emitter=emitter, lock=np.where(emitter == "rotation", "rotation", "exit"))
+
+
+def lock_ends(run: RunFrames) -> pd.DataFrame:
+    """CLOSE permits counted by lock (exit / rotation) and by how they ended."""
+    x = lock_holders(run)
+    if x.empty:
+        return pd.DataFrame({"permits": pd.Series(dtype=int)})
+    return x.groupby(["lock", "end"]).size().rename("permits").to_frame()
+
+
+def expired_in_flight(run: RunFrames) -> pd.DataFrame:
+    """CLOSE permits whose lock TTL expired before their close ended: another close of the
+    symbol could take the lock while this one was still on its way to the exchange."""
+    x = lock_holders(run)
+    cols = ["plan_id", "symbol", "lock", "instance", "start_s", "ttl_expiry_s", "end_s", "end",
+            "fence"]
+    return x[x["expired_in_flight"].astype(bool)][cols] if not x.empty else x.reindex(
+        columns=cols)
 
 
 def lock_overlaps(run: RunFrames) -> pd.DataFrame:
