@@ -46,7 +46,9 @@ class Notebook:
     name: str
     shows: str
     needs: tuple[str, ...] = ()  # frames that must not be empty (RunFrames.require)
-    params: dict[str, str] = field(default_factory=dict)  # its parameters beyond run_dir
+    # its parameters beyond run_dir -> what they are; all are paths (or lists of paths),
+    # made absolute before they reach the kernel, whose cwd is RUN_DIR/notebooks/
+    params: dict[str, str] = field(default_factory=dict)
 
 
 NOTEBOOKS: dict[str, Notebook] = {nb.name: nb for nb in (
@@ -139,12 +141,13 @@ class Executed:
 
 
 def execute(name: str, run_dir: Path, params: dict[str, Any] | None = None, *,
-            html: bool = False, progress: bool = True) -> Executed:
+            html: bool = False, progress: bool = True, check_first: bool = True) -> Executed:
     """Execute notebook ``name`` on ``run_dir`` into ``run_dir/notebooks/``.
 
-    Raises UnknownNotebook, MissingData (checked up front, and a cell's MissingData turned
-    back into the same exception), NotebookFailed for any other cell error. A Ctrl-C stops
-    the kernel (nbclient shuts it down) and surfaces as KeyboardInterrupt.
+    Raises UnknownNotebook, MissingData (checked up front unless ``check_first`` is False,
+    and a cell's MissingData turned back into the same exception: one line either way),
+    NotebookFailed for any other cell error. A Ctrl-C or SIGTERM stops the kernel and
+    surfaces as KeyboardInterrupt.
     """
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
@@ -153,8 +156,9 @@ def execute(name: str, run_dir: Path, params: dict[str, Any] | None = None, *,
 
     nb = resolve(name)
     run_dir = Path(run_dir).resolve()
-    params = {k: _pathify(v) for k, v in (params or {}).items()}
-    check(nb, run_dir, params)
+    params = {k: _absolute(v) for k, v in (params or {}).items()}
+    if check_first:
+        check(nb, run_dir, params)
     out_dir = run_dir / "notebooks"
     out_dir.mkdir(exist_ok=True)
     out = out_dir / f"{nb.name}.ipynb"
@@ -221,12 +225,13 @@ def _signal_kernels(marker: str, sig: int) -> None:
                     child.send_signal(sig)
 
 
-def _pathify(value: Any) -> Any:
-    """Parameters that are paths reach the kernel as absolute strings (its cwd differs)."""
-    if isinstance(value, Path):
-        return str(value.resolve())
+def _absolute(value: Any) -> Any:
+    """A path parameter (a string or Path, or a list of them) as absolute strings: the
+    kernel runs in RUN_DIR/notebooks/, not where the command was given; "" stays ""."""
     if isinstance(value, list):
-        return [_pathify(v) for v in value]
+        return [_absolute(v) for v in value]
+    if isinstance(value, Path) or (isinstance(value, str) and value):
+        return str(Path(value).resolve())
     return value
 
 
