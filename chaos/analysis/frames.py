@@ -17,6 +17,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable
 from functools import cached_property
+from itertools import repeat
 from operator import attrgetter, itemgetter
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from chaos.checkers import CheckResult, Facts, Verdict, Violation, gather, judge
-from chaos.checkers.facts import HistoryError
+from chaos.checkers.facts import HistoryError, PlanEntry, Submit
 from chaos.history import HISTORY_DIR, history_files
 from chaos.rundir import RunDirError, _check_meta
 
@@ -74,6 +75,8 @@ _WHY_EMPTY = {
 }
 
 _VERDICT_WORD = {True: "VALID", False: "INVALID", None: "UNKNOWN"}
+_NO_SUBMIT = Submit("", 0)  # a plan the harness did not submit (a governor's rotation plan)
+_NO_PLAN = PlanEntry()  # a decision whose plan entry was not seen: entry_ms 0
 
 
 class MissingData(RunDirError):
@@ -238,30 +241,29 @@ class RunFrames:
         plans governors add); ``emitter``: the plan's ``source`` field; ``sent_ms``: its
         plan stream entry time, else the submit's completion time."""
         f = self.facts
-        pe = f.plans
-        sb = f.submits
-        a = pd.DataFrame({"plan_id": pd.Series(list(pe), dtype=object),
-                          "entry_ms": _ints(map(attrgetter("entry_ms"), pe.values())),
-                          "emitter": pd.Series(_col(pe.values(), "source"), dtype=object),
-                          "p_action": pd.Series(_col(pe.values(), "action"), dtype=object),
-                          "p_notional": _numeric(_col(pe.values(), "notional"))})
-        b = pd.DataFrame({"plan_id": pd.Series(list(sb), dtype=object),
-                          "symbol": pd.Series(_col(sb.values(), "symbol"), dtype=object),
-                          "wall_ms": _ints(map(attrgetter("wall_ms"), sb.values())),
-                          "status": pd.Series(_col(sb.values(), "status"), dtype=object),
-                          "s_notional": _numeric(_col(sb.values(), "notional"))})
-        if a.empty and b.empty:
+        pe, sb = f.plans, f.submits
+        if not pe and not sb:
             return _empty("plans")
-        df = a.merge(b, on="plan_id", how="outer", indicator=True, sort=False)
-        df["on_stream"] = df["_merge"] != "right_only"
-        df["producer"] = np.where(df["_merge"] == "left_only", "governor", "harness")
-        df["sent_ms"] = df["entry_ms"].where(df["on_stream"], df["wall_ms"]).astype("int64")
-        df["notional"] = df["s_notional"].fillna(df["p_notional"])
-        first = self._first_decisions
-        df["symbol"] = df["symbol"].where(df["symbol"].notna(),
-                                          df["plan_id"].map(first["symbol"]))
-        df["action"] = df["p_action"].where(df["p_action"].notna(),
-                                            df["plan_id"].map(first["action"]))
+        only_sb = list(sb.keys() - pe.keys())
+        subs = list(map(sb.get, pe, repeat(_NO_SUBMIT))) + list(map(sb.__getitem__, only_sb))
+        entries = list(pe.values())
+        n_pe, n_sb = len(pe), len(only_sb)
+        df = pd.DataFrame({
+            "plan_id": pd.Series(list(pe) + only_sb, dtype=object),
+            "sent_ms": np.concatenate((_ints(map(attrgetter("entry_ms"), entries)),
+                                       _ints(map(attrgetter("wall_ms"), subs[n_pe:])))),
+            "symbol": pd.Series(_col(subs, "symbol"), dtype=object),
+            "action": pd.Series(_col(entries, "action") + [None] * n_sb, dtype=object),
+            "emitter": pd.Series(_col(entries, "source") + [None] * n_sb, dtype=object),
+            "status": pd.Series(_col(subs, "status"), dtype=object).replace("", None),
+            "on_stream": np.arange(n_pe + n_sb) < n_pe})
+        df["producer"] = np.where(df["status"].notna(), "harness", "governor")
+        df["notional"] = _numeric(_col(subs, "notional")).fillna(
+            _numeric(_col(entries, "notional") + [None] * n_sb))
+        for col in ("symbol", "action"):  # else as decided (a rotation plan has no submit)
+            miss = df[col].isna()
+            if miss.any():
+                df.loc[miss, col] = df.loc[miss, "plan_id"].map(self._first_decisions[col])
         df["probe"] = df["plan_id"].isin(list(f.probes))
         df["t"] = self.s(df["sent_ms"])
         return df.sort_values("sent_ms", kind="stable").reset_index(drop=True)[
@@ -288,13 +290,14 @@ class RunFrames:
             "instance": _col(ds, "governor"), "action": _col(ds, "action"),
             "symbol": _col(ds, "symbol"), "decided_ms": _ints(map(attrgetter("entry_ms"), ds)),
             "fence": _col(ds, "fence"), "entry_id": _col(ds, "entry_id"), "first": first})
-        entry = pd.Series(_ints(map(attrgetter("entry_ms"), f.plans.values())),
-                          index=pd.Index(list(f.plans), dtype=object))
-        df["latency_ms"] = df["decided_ms"] - df["plan_id"].map(entry)
+        entry = _ints(map(attrgetter("entry_ms"), map(f.plans.get, df["plan_id"],
+                                                      repeat(_NO_PLAN))))
+        df["latency_ms"] = np.where(entry > 0, df["decided_ms"] - entry, np.nan)
         df["probe"] = df["plan_id"].isin(list(f.probes))
         df["t"] = self.s(df["decided_ms"])
-        return df.sort_values(["decided_ms", "entry_id"], kind="stable").reset_index(
-            drop=True)[list(COLUMNS["decisions"])]
+        # Stable: a plan's decisions keep their order (entry time, then entry id).
+        return df.sort_values("decided_ms", kind="stable").reset_index(drop=True)[
+            list(COLUMNS["decisions"])]
 
     @cached_property
     def _first_decisions(self) -> pd.DataFrame:

@@ -170,6 +170,13 @@ def rects(ax: Any, left: Any, width: Any, yc: Any, h: Any, color: Any, **kw: Any
     ax.add_collection(PolyCollection(verts, facecolors=color, **kw))
 
 
+def stack(ax: Any, edges: np.ndarray, n: np.ndarray, bottom: Any, **kw: Any) -> Any:
+    """Bars of one layer of a stacked histogram as one filled step artist (``ax.bar``
+    makes an artist per bar: thousands of them on a long run)."""
+    base = np.broadcast_to(np.asarray(bottom, dtype=float), n.shape)
+    return ax.stairs(base + n, edges, baseline=base, fill=True, lw=0, zorder=3, **kw)
+
+
 def _bucket_width(t: np.ndarray) -> int:
     """1 s buckets; wider on a very long run, so a plot keeps at most ~3600 of them."""
     return max(1, math.ceil((t.max() - t.min()) / 3600)) if len(t) else 1
@@ -580,10 +587,8 @@ def latency(run: RunFrames) -> Figure:
         permits = (d["decision"] == "PERMIT").to_numpy()
         n_p = _per_bucket(t[permits], width, lo, hi)
         n_b = _per_bucket(t[~permits], width, lo, hi)
-        tp.bar(edges[:-1], n_p, width=width, align="edge", color="#2a9d8f", label="PERMIT",
-               zorder=3)
-        tp.bar(edges[:-1], n_b, width=width, align="edge", bottom=n_p, color="#adb5bd",
-               label="BLOCK", zorder=3)
+        stack(tp, edges, n_p, 0.0, color="#2a9d8f", label="PERMIT")
+        stack(tp, edges, n_b, n_p, color="#adb5bd", label="BLOCK")
         legend(tp, None)
         timed = d[d["first"].astype(bool) & d["latency_ms"].notna()]
         n_timed = len(timed)
@@ -685,9 +690,8 @@ def block_reasons_over_time(run: RunFrames) -> Figure:
         bt = blocks["t"].to_numpy(dtype=float)
         for i, r in enumerate(top + (["other"] if (reasons == "other").any() else [])):
             n = _per_bucket(bt[(reasons == r).to_numpy()], width, lo, hi)
-            handles.insert(i, ax.bar(edges[:-1], n, width=width, align="edge", bottom=bottom,
-                                     color=REASON_COLORS[i % len(REASON_COLORS)], zorder=3,
-                                     label=f"BLOCK: {r}"))
+            handles.insert(i, stack(ax, edges, n, bottom, label=f"BLOCK: {r}",
+                                    color=REASON_COLORS[i % len(REASON_COLORS)]))
             bottom = bottom + n
         permit_rate = _per_bucket(t[(d["decision"] == "PERMIT").to_numpy()], width, lo, hi)
         handles.insert(0, ax.step(edges[:-1], permit_rate, where="post", color="#2a9d8f",
@@ -738,8 +742,7 @@ def slot_leases(run: RunFrames) -> Figure:
             sel = (leases["end"] == kind).to_numpy()
             if sel.any():
                 n = np.histogram(et[sel], bins=edges)[0]
-                ends.bar(edges[:-1], n, width=width, align="edge", bottom=bottom, color=color,
-                         zorder=3, label=f"{kind} ({int(sel.sum())})")
+                stack(ends, edges, n, bottom, color=color, label=f"{kind} ({int(sel.sum())})")
                 bottom = bottom + n
         legend(ends, None)
     pos = run.positions
