@@ -88,7 +88,8 @@ def resolve(name: str) -> Notebook:
     hits = [nb for n, nb in NOTEBOOKS.items() if key and n.startswith(key)]
     if len(hits) == 1:
         return hits[0]
-    raise UnknownNotebook(f"unknown notebook {name!r}; valid: {', '.join(NOTEBOOKS)} "
+    what = "ambiguous" if hits else "unknown"
+    raise UnknownNotebook(f"{what} notebook {name!r}; valid: {', '.join(NOTEBOOKS)} "
                           "(or their number, e.g. 01)")
 
 
@@ -149,9 +150,6 @@ def execute(name: str, run_dir: Path, params: dict[str, Any] | None = None, *,
     NotebookFailed for any other cell error. A Ctrl-C or SIGTERM stops the kernel and
     surfaces as KeyboardInterrupt.
     """
-    import papermill as pm
-    from papermill.exceptions import PapermillExecutionError
-
     from chaos.analysis import MissingData
 
     nb = resolve(name)
@@ -159,6 +157,9 @@ def execute(name: str, run_dir: Path, params: dict[str, Any] | None = None, *,
     params = {k: _absolute(v) for k, v in (params or {}).items()}
     if check_first:
         check(nb, run_dir, params)
+    import papermill as pm  # after the check: bad input is refused without its import
+    from papermill.exceptions import PapermillExecutionError
+
     out_dir = run_dir / "notebooks"
     out_dir.mkdir(exist_ok=True)
     out = out_dir / f"{nb.name}.ipynb"
@@ -180,12 +181,12 @@ def execute(name: str, run_dir: Path, params: dict[str, Any] | None = None, *,
 def _run_interruptibly(marker: str, job: Callable[[], object]) -> None:
     """Run ``job`` (papermill) in a thread; a Ctrl-C or SIGTERM stops the kernel.
 
-    Why a thread: while nbclient runs a kernel in the main thread it replaces the SIGINT
-    and SIGTERM handlers with its own, which schedule a kernel shutdown that waits for the
-    running cell, so a Ctrl-C did nothing until the notebook had finished (measured). In a
-    thread it installs none; the main thread gets the KeyboardInterrupt, interrupts the
-    kernel (the cell ends, nbclient shuts the kernel down and papermill saves the notebook
-    so far), and kills it if that takes more than a few seconds.
+    Why a thread: while nbclient runs a kernel in the main thread it puts its own SIGINT
+    and SIGTERM handlers on the event loop, and what a Ctrl-C then does depends on where
+    it lands. In a thread it installs none; the main thread gets the KeyboardInterrupt
+    (the command's SIGTERM handler raises one too), terminates the kernel's process group
+    (SIGTERM: a kernel still importing would print a traceback on SIGINT) and kills it if
+    it is not gone within 5 s.
     """
     box: list[BaseException] = []
 
@@ -201,7 +202,7 @@ def _run_interruptibly(marker: str, job: Callable[[], object]) -> None:
         while worker.is_alive():
             worker.join(0.2)
     except KeyboardInterrupt:
-        for sig, wait in ((signal.SIGINT, 5.0), (signal.SIGKILL, 5.0)):
+        for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
             _signal_kernels(marker, sig)
             worker.join(wait)
             if not worker.is_alive():
@@ -212,17 +213,14 @@ def _run_interruptibly(marker: str, job: Callable[[], object]) -> None:
 
 
 def _signal_kernels(marker: str, sig: int) -> None:
-    """Signal this process's kernels (their environment carries ``marker``), with their
+    """Signal this process's kernels (their environment carries ``marker``) with their
     process groups (a kernel is its own session leader; a cell may have started children)."""
     import psutil
 
     for child in psutil.Process().children(recursive=True):
         with contextlib.suppress(psutil.Error, OSError):
             if child.environ().get(MARKER_ENV) == marker:
-                if sig == signal.SIGKILL:
-                    os.killpg(child.pid, sig)
-                else:
-                    child.send_signal(sig)
+                os.killpg(child.pid, sig)
 
 
 def _absolute(value: Any) -> Any:
