@@ -35,7 +35,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from chaos.analysis import RunFrames
 
+log = logging.getLogger(__name__)
+
 KERNEL_NAME = "governor-audit"
+FULL_CHECK_BYTES = 64 << 20  # history size up to which the check up front builds frames
 MARKER_ENV = "CHAOS_NOTEBOOK_KERNEL"
 
 
@@ -117,8 +120,21 @@ def open_run(name: str, run_dir: str | Path) -> RunFrames:
     return run
 
 
+def _history_bytes(run_dir: Path) -> int:
+    from chaos.history import history_files
+
+    return sum(p.stat().st_size for p in history_files(run_dir)) if run_dir.is_dir() else 0
+
+
 def check(nb: Notebook, run_dir: Path, params: dict[str, Any]) -> None:
-    """Raise MissingData before a kernel starts if the notebook would (one message)."""
+    """Raise MissingData before a kernel starts if the notebook would (one message).
+
+    Above :data:`FULL_CHECK_BYTES` of history the frames are not built here: that read
+    would be paid twice (here and in the kernel: 17 s more of a 10^6-operation run's
+    52 s, measured), and the notebook's first cell raises the same MissingData, which
+    :func:`execute` turns into the same one line. A missing or empty history is refused
+    here whatever the size.
+    """
     from chaos.analysis import MissingData
 
     if nb.name == "04_compare_governors":
@@ -128,7 +144,10 @@ def check(nb: Notebook, run_dir: Path, params: dict[str, Any]) -> None:
         if not find_runs(dirs):
             raise MissingData(f"no run directory in {', '.join(map(str, dirs))}")
         return
-    open_run(nb.name, run_dir)
+    if _history_bytes(run_dir) <= FULL_CHECK_BYTES:
+        open_run(nb.name, run_dir)
+    else:  # not a missing history (load_run refuses that at once): the first cell checks
+        log.info("%s: a large history, checked by the notebook's first cell", run_dir)
     if nb.name == "05_load_test" and params.get("locust_csv_prefix"):
         from chaos.analysis.loadtest import stats_history_path
 
@@ -239,8 +258,10 @@ def own_kernel() -> Iterator[tuple[str, str]]:
 
     Why not ``python3``: that name resolves to whatever spec is found first (another
     venv's, a system Jupyter's), or to a ``python`` on PATH; the notebooks must run in the
-    interpreter that has this package and its analysis layer. Yields the kernel name and
-    the marker its processes carry in their environment (``CHAOS_NOTEBOOK_KERNEL``).
+    interpreter that has this package and its analysis layer. The connection file goes to
+    the same temp dir (no user runtime dir needed) and the kernel gets an empty
+    ``IPYTHONDIR`` (no profile startup scripts changing what a report shows). Yields the
+    kernel name and the marker its processes carry in their environment.
     """
     with tempfile.TemporaryDirectory(prefix="chaos-kernel-") as tmp:
         spec = Path(tmp) / "kernels" / KERNEL_NAME
@@ -248,18 +269,21 @@ def own_kernel() -> Iterator[tuple[str, str]]:
         (spec / "kernel.json").write_text(json.dumps({
             "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}",
                      "--IPKernelApp.log_level=ERROR"],
-            "env": {MARKER_ENV: tmp},
+            "env": {MARKER_ENV: tmp, "IPYTHONDIR": str(Path(tmp) / "ipython")},
             "display_name": f"governor-audit ({sys.executable})", "language": "python",
             "metadata": {"debugger": False}}))
-        old = os.environ.get("JUPYTER_PATH")
-        os.environ["JUPYTER_PATH"] = os.pathsep.join(filter(None, (tmp, old)))
+        env = {"JUPYTER_PATH": os.pathsep.join(filter(None, (tmp, os.environ.get(
+            "JUPYTER_PATH")))), "JUPYTER_RUNTIME_DIR": str(Path(tmp) / "runtime")}
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
         try:
             yield KERNEL_NAME, tmp
         finally:
-            if old is None:
-                os.environ.pop("JUPYTER_PATH", None)
-            else:
-                os.environ["JUPYTER_PATH"] = old
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 # JupyterLab's page without what it loads from the network (require.js, MathJax, mermaid):
