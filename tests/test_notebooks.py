@@ -306,3 +306,20 @@ def test_py_and_ipynb_are_in_sync_and_the_ipynb_has_no_outputs(name: str) -> Non
     assert len(tagged) == 1 and "run_dir = " in "".join(tagged[0]["source"])
     assert set(re.findall(r"^(\w+) = ", "".join(tagged[0]["source"]), re.M)) == {
         "run_dir", *notebook.NOTEBOOKS[name].params}
+
+
+def test_a_wheel_ships_the_notebooks(tmp_path: Path) -> None:
+    """``pip install`` users get them: a wheel holds chaos/notebooks/ (package data through
+    the chaos/notebooks link), and that is where chaos.notebook looks first."""
+    import zipfile
+
+    p = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                        "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],
+                       capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (wheel,) = tmp_path.glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for name in notebook.NOTEBOOKS:
+        assert {f"chaos/notebooks/{name}.ipynb", f"chaos/notebooks/{name}.py"} <= names
+    assert "chaos/notebooks/jupytext.toml" in names
+    assert notebook.notebooks_dir() == Path(notebook.__file__).parent / "notebooks"
