@@ -16,6 +16,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -72,8 +73,9 @@ def _shared(factory: pytest.TempPathFactory, name: str, make: Callable[[Path], N
     out = root / f"nb-{name}"
     with open(root / f"nb-{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (out / ".made").exists():
-            out.mkdir(exist_ok=True)
+        if not (out / ".made").exists():  # first, or another worker's attempt failed
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
             make(out / "run")
             (out / ".made").touch()
     return out / "run"
