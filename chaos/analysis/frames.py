@@ -310,18 +310,14 @@ class RunFrames:
         """The apply.result entries: ``executed`` ones and the others (expired, rejected,
         or no value: status None), at the entry's stream time."""
         f = self.facts
-        ex = f.executed
-        ab = [(k, ms, st) for k, xs in f.aborts.items() for ms, st in xs]
-        if not ex and not ab:
+        keys, ms = f.executed_keys, f.executed_ms
+        ab = [(k, m, st) for k, xs in f.aborts.items() for m, st in xs]
+        if not keys and not ab:
             return _empty("results")
-        em = _ints(map(itemgetter(1), ex))
-        wm = _ints(map(itemgetter(2), ex))
         df = pd.DataFrame({
-            "plan_id": pd.Series(list(map(itemgetter(0), ex)) + [x[0] for x in ab],
-                                 dtype=object),
-            "status": ["executed"] * len(ex) + [x[2] for x in ab],
-            "ms": np.concatenate((np.where(em > 0, em, wm),
-                                  np.array([x[1] for x in ab], dtype=np.int64)))})
+            "plan_id": pd.Series(keys + [x[0] for x in ab], dtype=object),
+            "status": ["executed"] * len(keys) + [x[2] for x in ab],
+            "ms": np.concatenate((_ints(ms), _ints(x[1] for x in ab)))})
         df["t"] = self.s(df["ms"])
         return df.sort_values("ms", kind="stable").reset_index(drop=True)
 
