@@ -25,6 +25,7 @@ import argparse
 import io
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -32,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -73,30 +75,40 @@ def decorate(run_dir: Path) -> None:
     write_history(run_dir, ops, "bench-harness")
 
 
+def _clock() -> tuple[float, float]:
+    """Wall time, and CPU time of this process and its reaped children (the forked scan
+    workers of gather): on a shared machine the CPU time is the steadier figure."""
+    ch = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.perf_counter(), time.process_time() + ch.ru_utime + ch.ru_stime
+
+
 def measure(run_dir: str, what: str) -> dict[str, float]:
     from chaos.checkers import gather
 
+    out: dict[str, float] = {}
+
+    def step(key: str, fn: Any) -> Any:
+        w, c = _clock()
+        res = fn()
+        w2, c2 = _clock()
+        out[f"{key}_s"], out[f"{key}_cpu"] = w2 - w, c2 - c
+        return res
+
     if what == "gather":
-        t0 = time.perf_counter()
-        facts = gather(run_dir)
-        return {"gather_s": time.perf_counter() - t0, "ops": facts.ops}
+        out["ops"] = step("gather", lambda: gather(run_dir)).ops
+        return out
     from chaos.analysis import COLUMNS, load_run, plots
 
-    out: dict[str, float] = {}
-    t0 = time.perf_counter()
-    run = load_run(run_dir)
-    out["load_s"] = time.perf_counter() - t0
+    run = step("load", lambda: load_run(run_dir))
     out["ops"] = run.facts.ops
-    t0 = time.perf_counter()
-    rows = {name: len(getattr(run, name)) for name in COLUMNS}
-    out["frames_s"] = time.perf_counter() - t0
+    rows = step("frames", lambda: {name: len(getattr(run, name)) for name in COLUMNS})
     out.update({f"rows_{k}": v for k, v in rows.items()})
     for name in PLOTS:
-        t0 = time.perf_counter()
-        getattr(plots, name)(run).savefig(io.BytesIO(), format="png", dpi=100)
-        out[f"plot_{name}_s"] = time.perf_counter() - t0
-    out["plots_s"] = sum(out[f"plot_{n}_s"] for n in PLOTS)
-    out["total_s"] = out["load_s"] + out["frames_s"] + out["plots_s"]
+        step(f"plot_{name}", lambda name=name: getattr(plots, name)(run).savefig(
+            io.BytesIO(), format="png", dpi=100))
+    for unit in ("s", "cpu"):
+        out[f"plots_{unit}"] = sum(out[f"plot_{n}_{unit}"] for n in PLOTS)
+        out[f"total_{unit}"] = out[f"load_{unit}"] + out[f"frames_{unit}"] + out[f"plots_{unit}"]
     return out
 
 
@@ -107,7 +119,7 @@ def _sub(run_dir: Path, what: str) -> dict[str, float]:
 
 
 def _fmt(xs: list[float]) -> str:
-    return f"{statistics.median(xs):7.2f} s ({min(xs):.2f}-{max(xs):.2f})"
+    return f"{statistics.median(xs):6.2f} s ({min(xs):.2f}-{max(xs):.2f})"
 
 
 def main() -> None:
@@ -140,22 +152,26 @@ def main() -> None:
     finally:
         if not a.keep:
             shutil.rmtree(base, ignore_errors=True)
-    g = [r["gather_s"] for r in base_runs]
     print(f"history: {runs[0]['ops']:.0f} operations; rows: " + ", ".join(
         f"{k[5:]} {v:.0f}" for k, v in runs[0].items() if k.startswith("rows_")))
-    print(f"median (range) of {a.rounds} rounds, each in a fresh process:")
-    print(f"  gather alone (baseline)        {_fmt(g)}")
-    for key, label in (("load_s", "load_run (gather + results.json)"),
-                       ("frames_s", "every frame"), ("plots_s", "every plot, rendered")):
-        print(f"  {label:<30} {_fmt([r[key] for r in runs])}")
-    for n in PLOTS:
-        print(f"    plots.{n:<23} {_fmt([r[f'plot_{n}_s'] for r in runs])}")
-    tot = [r["total_s"] for r in runs]
-    print(f"  analysis total                 {_fmt(tot)}")
-    print(f"  ratio total / gather           {statistics.median(tot) / statistics.median(g):.2f}x"
-          f"   (frames + plots: {statistics.median(tot) - statistics.median(g):.2f} s over "
-          f"the read)")
-
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; median (range) of "
+          f"{a.rounds} rounds, each in a fresh process:")
+    print(f"  {'':<33} {'wall':<22} cpu")
+    table = [("gather alone (baseline)", base_runs, "gather"),
+             ("load_run (gather, results.json)", runs, "load"),
+             ("every frame", runs, "frames"), ("every plot, rendered", runs, "plots")]
+    table += [(f"  plots.{n}", runs, f"plot_{n}") for n in PLOTS]
+    table.append(("analysis total", runs, "total"))
+    for label, rs, key in table:
+        print(f"  {label:<33} {_fmt([r[key + '_s'] for r in rs]):<22} "
+              f"{_fmt([r[key + '_cpu'] for r in rs])}")
+    for unit in ("s", "cpu"):
+        g = statistics.median(r[f"gather_{unit}"] for r in base_runs)
+        tot = statistics.median(r[f"total_{unit}"] for r in runs)
+        per = [r[f"total_{unit}"] / r[f"load_{unit}"] for r in runs]
+        print(f"  ratio ({'wall' if unit == 's' else 'cpu'}): total / gather baseline "
+              f"{tot / g:.2f}x; total / its own load_run {statistics.median(per):.2f}x "
+              f"({min(per):.2f}-{max(per):.2f})")
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONHASHSEED", "0")

@@ -27,13 +27,16 @@ from chaos.report import PLOTS, write_report  # noqa: E402
 from chaos.rundir import RunDirError  # noqa: E402
 from chaos.runner import RunOptions, run  # noqa: E402
 
-# Stale intents (the seed variant only logs them: fresh_intent violations), regime flips
-# (its slot counter ignores them) and a governor kill: violations, faults and regimes.
+# Stale intents (the seed variant only logs them: each one it permits is a fresh_intent
+# violation) while duplicate closes keep freeing slots for them, regime flips (the seed's
+# slot counter ignores them) and a governor kill: violations, faults, regimes, exit locks.
+# No open storm: with every slot taken, no stale OPEN would ever be permitted.
+STORM = 'kind = "open_storm"\nprocesses = 2\nrate = 200\n'
 SCENARIO = small_scenario("analysis", 4, """
 [[workload]]
-kind = "stale"
+kind = "duplicate_close"
 processes = 1
-rate = 20
+period_ms = 150
 
 [[workload]]
 kind = "regime_flip"
@@ -44,6 +47,9 @@ period_s = 1.0
 kind = "kill_governor"
 at = 1.0
 """)
+assert STORM in SCENARIO, "tests/govtools.py's small scenario changed: update SCENARIO"
+SCENARIO = SCENARIO.replace(STORM, 'kind = "stale"\nprocesses = 1\nrate = 40\n'
+                            'stale_fraction = 0.5\n')
 
 # The contract (ANALYSIS_API.md) as written: a frame may gain columns, never lose these.
 CONTRACT = {

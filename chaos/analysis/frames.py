@@ -16,8 +16,9 @@ import json
 import re
 from collections import Counter
 from collections.abc import Iterable
+from contextlib import suppress
 from functools import cached_property
-from itertools import repeat
+from itertools import chain, repeat
 from operator import attrgetter, itemgetter
 from pathlib import Path
 from typing import Any
@@ -108,19 +109,25 @@ def load_run(run_dir: str | Path) -> RunFrames:
     return RunFrames(facts)
 
 
-def _col(items: Iterable[Any], name: str) -> list[Any]:
-    return list(map(attrgetter(name), items))
+def _col(items: list[Any], name: str, pad: int = 0) -> np.ndarray:
+    """An attribute of every item as an object array (each value kept as it is), with
+    ``pad`` Nones after; pandas turns an all-strings column into its string dtype."""
+    vals = map(attrgetter(name), items)
+    return np.fromiter(chain(vals, repeat(None, pad)) if pad else vals, dtype=object,
+                       count=len(items) + pad)
 
 
 def _ints(xs: Iterable[Any]) -> np.ndarray:
     return np.fromiter(xs, dtype=np.int64)
 
 
-def _numeric(values: list[Any]) -> pd.Series:
+def _numeric(values: Any) -> pd.Series:
     """Raw field values (strings, numbers, anything a malformed plan carries) as floats."""
-    s = pd.Series(values, dtype=object)
+    arr = np.asarray(values, dtype=object)
+    with suppress(TypeError, ValueError):
+        return pd.Series(arr.astype(float))  # the common case: every one a number
     try:
-        return pd.to_numeric(s, errors="coerce").astype(float)
+        return pd.to_numeric(pd.Series(arr), errors="coerce").astype(float)
     except (TypeError, ValueError):
         return pd.Series([_float_or_nan(x) for x in values], dtype=float)
 
@@ -249,17 +256,16 @@ class RunFrames:
         entries = list(pe.values())
         n_pe, n_sb = len(pe), len(only_sb)
         df = pd.DataFrame({
-            "plan_id": pd.Series(list(pe) + only_sb, dtype=object),
+            "plan_id": np.fromiter(chain(pe, only_sb), dtype=object, count=n_pe + n_sb),
             "sent_ms": np.concatenate((_ints(map(attrgetter("entry_ms"), entries)),
                                        _ints(map(attrgetter("wall_ms"), subs[n_pe:])))),
-            "symbol": pd.Series(_col(subs, "symbol"), dtype=object),
-            "action": pd.Series(_col(entries, "action") + [None] * n_sb, dtype=object),
-            "emitter": pd.Series(_col(entries, "source") + [None] * n_sb, dtype=object),
-            "status": pd.Series(_col(subs, "status"), dtype=object).replace("", None),
+            "symbol": _col(subs, "symbol"), "action": _col(entries, "action", n_sb),
+            "emitter": _col(entries, "source", n_sb),
+            "status": pd.Series(_col(subs, "status")).replace("", None),
             "on_stream": np.arange(n_pe + n_sb) < n_pe})
         df["producer"] = np.where(df["status"].notna(), "harness", "governor")
         df["notional"] = _numeric(_col(subs, "notional")).fillna(
-            _numeric(_col(entries, "notional") + [None] * n_sb))
+            _numeric(_col(entries, "notional", n_sb)))
         for col in ("symbol", "action"):  # else as decided (a rotation plan has no submit)
             miss = df[col].isna()
             if miss.any():
@@ -285,7 +291,7 @@ class RunFrames:
         first = np.zeros(len(ds), dtype=bool)
         first[(np.cumsum(lens) - lens)[lens > 0]] = True  # each plan's list: time order
         df = pd.DataFrame({
-            "plan_id": pd.Series(_col(ds, "plan_id"), dtype=object),
+            "plan_id": _col(ds, "plan_id"),
             "decision": _col(ds, "decision"), "reason": _col(ds, "reason"),
             "instance": _col(ds, "governor"), "action": _col(ds, "action"),
             "symbol": _col(ds, "symbol"), "decided_ms": _ints(map(attrgetter("entry_ms"), ds)),
@@ -310,18 +316,14 @@ class RunFrames:
         """The apply.result entries: ``executed`` ones and the others (expired, rejected,
         or no value: status None), at the entry's stream time."""
         f = self.facts
-        ex = f.executed
-        ab = [(k, ms, st) for k, xs in f.aborts.items() for ms, st in xs]
-        if not ex and not ab:
+        keys, ms = f.executed_keys, f.executed_ms
+        ab = [(k, m, st) for k, xs in f.aborts.items() for m, st in xs]
+        if not keys and not ab:
             return _empty("results")
-        em = _ints(map(itemgetter(1), ex))
-        wm = _ints(map(itemgetter(2), ex))
         df = pd.DataFrame({
-            "plan_id": pd.Series(list(map(itemgetter(0), ex)) + [x[0] for x in ab],
-                                 dtype=object),
-            "status": ["executed"] * len(ex) + [x[2] for x in ab],
-            "ms": np.concatenate((np.where(em > 0, em, wm),
-                                  np.array([x[1] for x in ab], dtype=np.int64)))})
+            "plan_id": pd.Series(keys + [x[0] for x in ab], dtype=object),
+            "status": ["executed"] * len(keys) + [x[2] for x in ab],
+            "ms": np.concatenate((_ints(ms), _ints(x[1] for x in ab)))})
         df["t"] = self.s(df["ms"])
         return df.sort_values("ms", kind="stable").reset_index(drop=True)
 
@@ -332,7 +334,7 @@ class RunFrames:
         if not os_:
             return _empty("orders")
         df = pd.DataFrame({
-            "plan_id": pd.Series(_col(os_, "plan_id"), dtype=object),
+            "plan_id": _col(os_, "plan_id"),
             "symbol": _col(os_, "symbol"), "action": _col(os_, "action"),
             "notional": np.fromiter(map(attrgetter("notional"), os_), dtype=float),
             "open_count_after": _ints(map(attrgetter("open_count_after"), os_)),
@@ -340,7 +342,8 @@ class RunFrames:
             "seq": _ints(map(attrgetter("seq"), os_)), "side": _col(os_, "side"),
             "effect": _col(os_, "effect"), "fence": _col(os_, "fence"),
             "position_id": _col(os_, "position_id"),
-            "issued_at_ms": pd.array(_col(os_, "issued_at_ms"), dtype="Int64")})
+            "issued_at_ms": pd.array(list(map(attrgetter("issued_at_ms"), os_)),
+                                     dtype="Int64")})
         df["executed"] = ~df["effect"].astype(str).str.startswith("rejected")
         df["t"] = self.s(df["ms"])
         return df[list(COLUMNS["orders"])]
@@ -382,10 +385,10 @@ class RunFrames:
         x0, x1 = self.xlim
         start_ms = self.t0_ms + x0 * 1000
         points = {start_ms}
-        for inv, done, _r, _t in f.regimes:
+        for inv, done, _r, _t in f.regimes:  # a flip is surely done the ms after its reply
             points.add(inv)
             if done < 2**61:
-                points.add(done)
+                points.add(done + 1)
         pts = sorted(p for p in points if p >= start_ms)
         rows: list[list[Any]] = []
         for i, p in enumerate(pts):
@@ -405,7 +408,7 @@ class RunFrames:
         f = self.facts
         cfg = f.config
         pts = sorted({p for inv, done, _r, _t in f.regimes
-                      for p in (inv, done) if p < 2**61})
+                      for p in (inv, done + 1) if p < 2**61})
         base = max(cfg.slots_for(r) for r in f.regime_at(-(2**62)))
         vals = np.array([base] + [max(cfg.slots_for(r) for r in f.regime_at(p)) for p in pts])
         idx = np.searchsorted(np.asarray(pts, dtype=float), np.asarray(ms, dtype=float),
@@ -545,9 +548,9 @@ class RunFrames:
             end = np.maximum(end, start)
             by_order = ~np.isnan(oms) & (oms >= start)
             if not o.empty:  # any order of the plan at or after its permit settles it
-                m = o[["plan_id", "ms"]].merge(pd.DataFrame({"plan_id": pid.to_numpy(),
-                                                             "st": start}), on="plan_id")
-                m = m[m["ms"] >= m["st"]].groupby("plan_id", sort=False)["ms"].min()
+                st = o["plan_id"].map(pd.Series(start, index=pid.to_numpy())).to_numpy()
+                after = o[o["ms"].to_numpy() >= st].sort_values("ms", kind="stable")
+                m = after.drop_duplicates("plan_id").set_index("plan_id")["ms"]
                 any_o = pid.map(m).astype(float).to_numpy() if len(m) else \
                     np.full(len(d), np.nan)
                 earlier = ~np.isnan(any_o) & (any_o < end)
@@ -568,13 +571,13 @@ class RunFrames:
             reset = ex & ~act_open & ((eff == "close") | (eff == "flip"))
             nn = oo["notional"].to_numpy()
             contrib = np.where(act_open | (reset & (eff == "flip")), nn, 0.0)
-            g = pd.DataFrame({"symbol": oo["symbol"].to_numpy(), "reset": reset,
-                              "c": contrib})
-            g["seg"] = g.groupby("symbol", sort=False)["reset"].cumsum()
-            val = g.groupby(["symbol", "seg"], sort=False)["c"].cumsum()
-            prev = val.groupby(g["symbol"], sort=False).shift(1, fill_value=0.0)
+            # integer keys: groupby without hashing strings
+            code = pd.factorize(oo["symbol"], use_na_sentinel=False)[0]
+            seg = pd.Series(reset).groupby(code).cumsum().to_numpy()
+            val = pd.Series(contrib).groupby(code * (int(seg.max()) + 1) + seg).cumsum()
+            prev = val.groupby(code).shift(1, fill_value=0.0)
             parts.append(pd.DataFrame({"ms": oo["ms"].to_numpy(dtype=float), "k": 3,
-                                       "symbol": g["symbol"].to_numpy(),
+                                       "symbol": oo["symbol"].to_numpy(),
                                        "d_open": (val - prev).to_numpy(), "d_pend": 0.0}))
         if not parts:
             return _empty("capital")
@@ -583,7 +586,7 @@ class RunFrames:
             drop=True)
         ev["open_notional"] = ev["d_open"].cumsum().clip(lower=0.0)
         ev["permitted_notional"] = ev["d_pend"].cumsum().clip(lower=0.0)
-        by = ev.groupby("symbol", sort=False)
+        by = ev.groupby(pd.factorize(ev["symbol"], use_na_sentinel=False)[0])
         ev["symbol_open_notional"] = by["d_open"].cumsum().clip(lower=0.0)
         ev["symbol_permitted_notional"] = by["d_pend"].cumsum().clip(lower=0.0)
         ev["max_total_notional"] = cfg.max_total_notional

@@ -257,8 +257,9 @@ def positions(run: RunFrames) -> Figure:
         names = name.split("/")
         short = "/".join(SHORT_REGIME.get(r, r) for r in names)
         color = REGIME_COLORS.get(name, "#dddddd") if len(names) == 1 else "#bbbbbb"
-        seen.setdefault(f"{name}: {limit} slots" if len(names) == 1
-                        else "flip in flight: either regime", color)
+        if len(names) == 1 or b - a > span * 0.002:  # a flip of a few ms does not show
+            seen.setdefault(f"{name}: {limit} slots" if len(names) == 1
+                            else "flip in flight: either regime", color)
         strip.axvspan(a, b, color=color, lw=0)
         w = (b - a) / span
         label = f"{name} ({limit})" if w > 0.1 else (f"{short} {limit}" if w > 0.05

@@ -166,9 +166,10 @@ class Facts:
     take_fails: dict[str, list[int]] = field(default_factory=dict)
     # (entry_ms, status) of each apply.result entry of a plan other than ``executed``
     aborts: dict[str, list[tuple[int, Any]]] = field(default_factory=dict)
-    # (plan id, result entry ms, op wall ms) of each ``executed`` result: the checkers
-    # judge executions from the ledger; chaos.analysis shows the results as recorded
-    executed: list[tuple[Any, int, int]] = field(default_factory=list)
+    # The plan id and entry time of each ``executed`` result, as two lists (no object per
+    # result): the checkers judge executions from the ledger; chaos.analysis shows them
+    executed_keys: list[Any] = field(default_factory=list)
+    executed_ms: list[int] = field(default_factory=list)
     # PERMIT / BLOCK entries that break the protocol (the ``protocol`` checker's), by time
     bad_decisions: list[BadDecision] = field(default_factory=list)
     faults: list[FaultWindow] = field(default_factory=list)
@@ -195,8 +196,10 @@ class Facts:
         for inv, done, regime, typ in self.regimes:
             if inv > ms:
                 break
-            # Done: the new regime; in flight at ms or unknown outcome: either may hold.
-            current = {regime} if done <= ms and typ == "ok" else current | {regime}
+            # Done before ms: the new regime; in flight at ms (its completion in the same
+            # millisecond too: the write may have landed after ms within it) or unknown
+            # outcome: either may hold.
+            current = {regime} if done < ms and typ == "ok" else current | {regime}
         return current
 
     def permits(self) -> dict[str, Decision]:
@@ -414,7 +417,8 @@ class _Scan:
     decisions: dict[Any, list[Decision]] = field(default_factory=dict)
     take_fails: dict[Any, list[int]] = field(default_factory=dict)
     aborts: dict[Any, list[tuple[int, Any]]] = field(default_factory=dict)
-    executed: list[tuple[Any, int, int]] = field(default_factory=list)
+    executed_keys: list[Any] = field(default_factory=list)
+    executed_ms: list[int] = field(default_factory=list)
     bad_decisions: list[BadDecision] = field(default_factory=list)
     ordered: list[tuple[int, str, _AnyOrdered]] = field(default_factory=list)
 
@@ -757,14 +761,18 @@ def _results(sc: _Scan, ops: list[_ResultOp]) -> None:
     vals = list(map(_VALUE, ops))
     if not _some_none(vals) and all(map(_IS_EXECUTED, map(_STATUS, vals))):
         # executed: the ledger says it all to the checkers; kept for chaos.analysis
-        sc.executed.extend(zip(map(_KEY, ops), map(_ENTRY_MS, vals), map(_WALL_MS, ops),
-                               strict=True))
+        sc.executed_keys.extend(map(_KEY, ops))
+        ms = list(map(_ENTRY_MS, vals))
+        if 0 in ms:  # no entry time: the time the recorder read it
+            ms = [m or o.wall_ms for m, o in zip(ms, ops, strict=True)]
+        sc.executed_ms.extend(ms)
         return
     for o, v in zip(ops, vals, strict=True):
         if not o.key:
             continue
         if v is not None and v.status == "executed":
-            sc.executed.append((o.key, v.entry_ms, o.wall_ms))
+            sc.executed_keys.append(o.key)
+            sc.executed_ms.append(v.entry_ms or o.wall_ms)
         elif v is None:
             sc.aborts.setdefault(o.key, []).append((o.wall_ms, None))
         elif v.status != "executed":
@@ -844,7 +852,8 @@ def _merge(facts: Facts, scans: list[_Scan]) -> list[tuple[int, str, _OrderedOp]
                 else:
                     dst[k] = xs
         ordered.extend(sc.ordered)
-    facts.executed = [x for sc in scans for x in sc.executed]
+    facts.executed_keys = [k for sc in scans for k in sc.executed_keys]
+    facts.executed_ms = [m for sc in scans for m in sc.executed_ms]
     # A submit's status is its last completion, when that came after its last invoke (each
     # scan applied its own; a plan id in several parts is decided across them).
     for k in cross:
