@@ -325,3 +325,66 @@ def test_a_wheel_ships_the_notebooks(tmp_path: Path) -> None:
         assert {f"chaos/notebooks/{name}.ipynb", f"chaos/notebooks/{name}.py"} <= names
     assert "chaos/notebooks/jupytext.toml" in names
     assert notebook.notebooks_dir() == Path(notebook.__file__).parent / "notebooks"
+
+
+# -- the library the notebooks call (chaos.analysis.story / compare / loadtest) ------------
+def test_story_tables_agree_with_the_frames_and_the_verdict(seed_run: Path,
+                                                            import_run: Path) -> None:
+    from chaos.analysis import load_run, story
+
+    run = load_run(seed_run)
+    results = json.loads((seed_run / "results.json").read_text())
+    inv = story.invariants(run)
+    assert inv["violations"].sum() == len(results["violations"]) == len(run.violations)
+    assert (inv.loc["one_position_per_symbol", "result"] == "VIOLATED"
+            and inv.loc["one_position_per_symbol", "violations"] > 0)
+    assert f"**{len(run.violations)} violation(s)**" in story.violations(run)
+    ev = story.violation_events(run, 0)
+    assert not ev.empty and "what" in ev and not any(c.endswith("_ms") for c in ev)
+    for e in story.over_limit(run).itertuples():  # each episode: above the slots in force
+        assert e.peak_open > e.slots and e.to_s >= e.from_s
+    for o in story.lock_overlaps(run).itertuples():  # each pair: one symbol, both held
+        assert o.overlap_to_s > o.overlap_from_s and o.first != o.second
+    assert story.ends(run.slot_leases)["permits"].sum() == len(run.slot_leases)
+    assert story.lock_ends(run)["permits"].sum() == len(run.exit_locks)
+
+    # The incident: c2 then c3 close BUSDT (fences 2 and 3 on its CLOSE permits: increasing),
+    # c3 on a flat symbol is the one violation, on the timeline at its order's time.
+    imp = load_run(import_run)
+    fences = story.fence_checks(imp)
+    assert fences.loc["BUSDT"].tolist() == [2, 2, 0]
+    tl = story.timeline(imp)
+    (row,) = tl[tl["what"] == "VIOLATION single_close"].itertuples()
+    order = imp.orders[imp.orders["plan_id"] == "c3"]
+    assert row.t == order["t"].iloc[0] and "c3" in row.detail
+    assert "import" in story.header(imp) and "caveat" in story.header(imp)
+    assert story.lock_overlaps(imp).empty and story.expired_in_flight(imp).empty
+
+
+def test_compare_runs_and_locust_stats(reference_run: Path, seed_run: Path,
+                                       loadtest_run: Path) -> None:
+    import csv
+
+    from chaos.analysis import compare_runs, load_run, locust_stats
+
+    df = compare_runs([seed_run.parent.parent])  # finds every run of this session below
+    by_gov = {(r.governor, r.scenario): r for r in df.itertuples()}
+    ref = by_gov[("reference", "small-notebooks")]
+    seed = by_gov[("seed", "small-notebooks")]
+    assert ref.verdict == "VALID" and ref.violations == 0
+    results = json.loads((seed_run / "results.json").read_text())
+    assert seed.verdict == "INVALID" and seed.violations == len(results["violations"])
+    assert seed.one_position_per_symbol == sum(
+        v["invariant"] == "one_position_per_symbol" for v in results["violations"])
+    assert 0 < ref.p50_ms <= ref.p99_ms
+    with pytest.raises(MissingData, match="no run directory"):
+        compare_runs([seed_run / "history"])
+
+    stats = locust_stats(load_run(loadtest_run))
+    rows = list(csv.DictReader((loadtest_run / "locust_stats_history.csv").open()))
+    assert len(stats) == len(rows) > 0
+    agg = stats[stats["name"] == "Aggregated"]
+    assert agg["requests"].iloc[-1] == int(rows[-1]["Total Request Count"]) > 300
+    assert agg["rate"].max() > 100  # ~200 plans/s for 4 s
+    with pytest.raises(MissingData, match="no Locust CSV at"):
+        locust_stats(loadtest_run, loadtest_run / "nope")
