@@ -33,7 +33,7 @@ def header(run: RunFrames) -> str:
     with why the run does or does not count as exercised."""
     m = run.meta
     rows = [("run directory", f"`{run.run_dir}`"), ("kind", run.kind),
-            ("governor", m.get("governor_command") or m.get("governor") or "?"),
+            ("governor", m.get("governor") or "?"),
             ("scenario", m.get("scenario") or "?"), ("seed", m.get("seed", "—")),
             ("time 0", f"{run.t0_source}, {_iso(run.t0_ms)}" if run.t0_ms else "—"),
             ("operations", f"{run.facts.ops:,}"), ("status", m.get("status", "?")),
