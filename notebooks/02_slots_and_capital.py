@@ -47,6 +47,12 @@ plots.slot_leases(run)
 story.ends(run.slot_leases)
 
 # %% [markdown]
+# The leases that expired (which slot came back by its TTL, and when):
+
+# %%
+story.expired(run.slot_leases)
+
+# %% [markdown]
 # ## Capital: open and permitted notional against `max_total_notional`
 
 # %%

@@ -15,9 +15,9 @@ import pandas as pd
 
 from chaos.analysis.frames import RunFrames
 
-__all__ = ["ends", "expired_in_flight", "fence_checks", "header", "invariants", "lock_ends",
-           "lock_holders", "lock_overlaps", "over_limit", "timeline", "violation_events",
-           "violations"]
+__all__ = ["ends", "expired", "expired_in_flight", "fence_checks", "header", "invariants",
+           "lock_ends", "lock_holders", "lock_overlaps", "over_limit", "timeline",
+           "violation_events", "violations"]
 
 _WORD = {True: "ok", False: "VIOLATED", None: "unknown"}
 _TIME_KEYS = ("wall_ms", "entry_ms", "issued_at_ms", "decided_at_ms", "ms", "start_ms",
@@ -138,6 +138,14 @@ def ends(intervals: pd.DataFrame) -> pd.DataFrame:
     if intervals.empty:
         return pd.DataFrame({"permits": pd.Series(dtype=int)})
     return intervals["end"].value_counts().rename("permits").to_frame()
+
+
+def expired(intervals: pd.DataFrame) -> pd.DataFrame:
+    """Permits that ended by their TTL (no order, no failed take, no abort before it): the
+    slot or lock came back by expiry, not by a release."""
+    if intervals.empty:
+        return intervals
+    return intervals[intervals["end"] == "expired"].reset_index(drop=True)
 
 
 def over_limit(run: RunFrames) -> pd.DataFrame:
