@@ -171,8 +171,8 @@ def _figures(ipynb: Path) -> int:
 
 @pytest.mark.parametrize(("name", "fixture"), [
     ("02_slots_and_capital", "seed_run"), ("03_locks_and_ttls", "seed_run"),
-    ("01_chaos_run_overview", "reference_run"), ("02_slots_and_capital", "reference_run"),
-    ("05_load_test", "loadtest_run"), ("06_post_incident", "import_run")])
+    ("01_chaos_run_overview", "reference_run"), ("05_load_test", "loadtest_run"),
+    ("06_post_incident", "import_run")])
 def test_notebook_executes_and_draws(name: str, fixture: str,
                                      request: pytest.FixtureRequest) -> None:
     run_dir: Path = request.getfixturevalue(fixture)
