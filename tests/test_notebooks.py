@@ -315,11 +315,14 @@ def test_a_wheel_ships_the_notebooks(tmp_path: Path) -> None:
     the chaos/notebooks link), and that is where chaos.notebook looks first."""
     import zipfile
 
+    src = tmp_path / "src"  # a copy: the build writes build/ and *.egg-info beside it
+    shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "reports", "build", "*.egg-info", "__pycache__", ".*_cache"))
     p = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                        "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],
+                        "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)],
                        capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, p.stderr[-3000:]
-    (wheel,) = tmp_path.glob("*.whl")
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for name in notebook.NOTEBOOKS:
         assert {f"chaos/notebooks/{name}.ipynb", f"chaos/notebooks/{name}.py"} <= names
