@@ -88,6 +88,16 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--quiet", action="store_true", help="no progress")
     imp.add_argument("--no-report", action="store_true",
                      help="skip report.md / report.html / plots (results.json is always written)")
+    nb = sub.add_parser("notebook", help="execute a shipped notebook on a run directory "
+                        "(papermill) into RUN_DIR/notebooks/, optionally as HTML")
+    nb.add_argument("name", help="01_chaos_run_overview ... 06_post_incident, or its number")
+    nb.add_argument("run_dir", type=Path)
+    nb.add_argument("--html", action="store_true",
+                    help="also a self-contained HTML export without the code cells")
+    nb.add_argument("-p", "--param", nargs=2, action="append", default=[],
+                    metavar=("KEY", "VALUE"), help="a notebook parameter (VALUE as JSON if it "
+                    "parses, e.g. '[\"a\", \"b\"]', else a string); repeatable")
+    nb.add_argument("--quiet", action="store_true", help="no progress bar")
     demo = sub.add_parser("demo", help="a short demo load on an embedded Redis")
     demo.add_argument("--seconds", type=float, default=10.0)
     demo.add_argument("--governors", type=int, default=3)
@@ -165,6 +175,8 @@ def _main(args: argparse.Namespace) -> int:
             return _suite(args)
         if args.command == "import":
             return _import(args)
+        if args.command == "notebook":
+            return _notebook(args)
         if args.command == "demo":
             if not (math.isfinite(args.seconds) and 0 < args.seconds <= 86400) or \
                     not 1 <= args.governors <= 64:
@@ -425,6 +437,49 @@ def _report(run_dir: Path) -> int:
     print(verdict.summary())
     print(f"written {paths.md}\nwritten {paths.html}")
     return int(verdict.exit_code)
+
+
+def _notebook(args: argparse.Namespace) -> int:
+    """Bad input (an unknown name, a run lacking what the notebook needs, a parameter it
+    does not take) is one line and 254, checked before a kernel starts; a cell that fails
+    otherwise is a harness failure (255) naming the cell and the saved notebook."""
+    import json
+
+    from chaos import notebook
+
+    try:
+        nb = notebook.resolve(args.name)
+    except notebook.UnknownNotebook as exc:
+        print(f"chaos notebook: {exc}", file=sys.stderr)
+        return EXIT_BAD_ARGS
+    params: dict[str, Any] = {}
+    for key, value in args.param:
+        if key not in nb.params:
+            known = ", ".join(nb.params) or "none besides run_dir"
+            print(f"chaos notebook: {nb.name} has no parameter {key!r} (its parameters: "
+                  f"{known})", file=sys.stderr)
+            return EXIT_BAD_ARGS
+        try:
+            params[key] = json.loads(value)
+        except ValueError:
+            params[key] = value
+    from chaos.analysis import MissingData
+    from chaos.rundir import RunDirError
+
+    try:
+        done = notebook.execute(nb.name, args.run_dir, params, html=args.html,
+                                progress=not args.quiet)
+    except MissingData as exc:
+        print(f"chaos notebook: {nb.name}: {exc}", file=sys.stderr)
+        return EXIT_BAD_ARGS
+    except RunDirError as exc:  # damaged, not missing: the file is named
+        print(f"chaos notebook: {exc}", file=sys.stderr)
+        return EXIT_HARNESS
+    except notebook.NotebookFailed as exc:
+        print(f"chaos notebook: {exc}", file=sys.stderr)
+        return EXIT_HARNESS
+    print(f"written {done.ipynb}" + (f"\nwritten {done.html}" if done.html else ""))
+    return EXIT_VALID
 
 
 def _preflight(run_dir: Path, command: str) -> int | None:

@@ -122,6 +122,21 @@ def test_slots_judged_by_the_regime_in_force_when_the_permit_was_issued(story: S
     assert res["slots"] is False
 
 
+def test_a_flip_completing_in_the_permits_millisecond_may_not_have_landed(story: Story) -> None:
+    """The flip's completion (harness clock) and the permit (Redis clock) in one ms: the SET
+    may have landed just after the decision in that ms, so either regime may hold (seen on
+    a reference run: a permit under BASE judged by CHOP's slots)."""
+    _open(story, 100, "o1", "AAUSDT")
+    story.op(150, OpType.INVOKE, F.OPERATOR, "regime-1", regime="CHOP")
+    story.op(205, OpType.OK, F.OPERATOR, "regime-1", regime="CHOP")
+    _open(story, 200, "o2", "BBUSDT")  # permit issued at 205, the flip's completion
+    assert story.check()["slots"] is True
+    story.op(206, OpType.INVOKE, F.OPERATOR, "regime-2", regime="CHOP")
+    story.op(206, OpType.OK, F.OPERATOR, "regime-2", regime="CHOP")
+    _open(story, 202, "o3", "CCUSDT")  # issued at 207: after the flip, surely CHOP
+    assert story.check()["slots"] is False
+
+
 def test_slots_give_the_benefit_of_the_doubt_to_a_flip_in_flight(story: Story) -> None:
     _open(story, 100, "o1", "AAUSDT")
     story.op(150, OpType.INVOKE, F.OPERATOR, "regime-1", regime="CHOP")

@@ -21,7 +21,7 @@ from chaos.checkers.invariants import CHECKERS, INVARIANTS, CheckResult, Violati
 from chaos.governor_findings import governor_findings
 
 __all__ = ["CHECKERS", "INVARIANTS", "CheckResult", "Facts", "Verdict", "Violation",
-           "check_run", "combine", "gather", "run_checkers"]
+           "check_run", "combine", "gather", "judge", "run_checkers"]
 
 
 @dataclass
@@ -137,6 +137,21 @@ def check_run(run_dir: str | Path, write: bool = True, models: bool = True,
     t0 = time.perf_counter()
     with gc_paused():
         facts = gather(run_dir)
+    verdict = judge(facts, models=models, model_timeout_s=model_timeout_s, started=t0)
+    if write:
+        tmp = run_dir / "results.json.tmp"
+        tmp.write_text(json.dumps(verdict.to_dict(), indent=2, default=str))
+        os.replace(tmp, run_dir / "results.json")
+    return verdict
+
+
+def judge(facts: Facts, models: bool = True, model_timeout_s: float = 10.0,
+          started: float | None = None) -> Verdict:
+    """The verdict on facts already gathered (``check_run`` without the reading and the
+    writing: chaos.analysis judges a run it has read once this way)."""
+    t0 = time.perf_counter() if started is None else started
+    run_dir = facts.run_dir
+    with gc_paused():
         results = run_checkers(facts)
     # Checks the run cannot support (an import has no liveness probe) stay listed, unknown,
     # and out of the verdict.
@@ -170,8 +185,4 @@ def check_run(run_dir: str | Path, write: bool = True, models: bool = True,
         except Exception as exc:  # noqa: BLE001 - a second opinion must not sink the first
             verdict.models = {"model": CheckResult("model", None, note=f"model check failed: "
                                                    f"{type(exc).__name__}: {exc}")}
-    if write:
-        tmp = run_dir / "results.json.tmp"
-        tmp.write_text(json.dumps(verdict.to_dict(), indent=2, default=str))
-        os.replace(tmp, run_dir / "results.json")
     return verdict

@@ -135,6 +135,7 @@ class PlanEntry(msgspec.Struct, gc=False):
 
     entry_ms: int = 0  # the entry's stream id time
     source: Any = None
+    action: Any = None  # as written (OPEN / CLOSE, or anything): for chaos.analysis
     intent_created_at_ms: Any = None
     notional: Any = None
 
@@ -165,6 +166,10 @@ class Facts:
     take_fails: dict[str, list[int]] = field(default_factory=dict)
     # (entry_ms, status) of each apply.result entry of a plan other than ``executed``
     aborts: dict[str, list[tuple[int, Any]]] = field(default_factory=dict)
+    # The plan id and entry time of each ``executed`` result, as two lists (no object per
+    # result): the checkers judge executions from the ledger; chaos.analysis shows them
+    executed_keys: list[Any] = field(default_factory=list)
+    executed_ms: list[int] = field(default_factory=list)
     # PERMIT / BLOCK entries that break the protocol (the ``protocol`` checker's), by time
     bad_decisions: list[BadDecision] = field(default_factory=list)
     faults: list[FaultWindow] = field(default_factory=list)
@@ -191,8 +196,10 @@ class Facts:
         for inv, done, regime, typ in self.regimes:
             if inv > ms:
                 break
-            # Done: the new regime; in flight at ms or unknown outcome: either may hold.
-            current = {regime} if done <= ms and typ == "ok" else current | {regime}
+            # Done before ms: the new regime; in flight at ms (its completion in the same
+            # millisecond too: the write may have landed after ms within it) or unknown
+            # outcome: either may hold.
+            current = {regime} if done < ms and typ == "ok" else current | {regime}
         return current
 
     def permits(self) -> dict[str, Decision]:
@@ -410,6 +417,8 @@ class _Scan:
     decisions: dict[Any, list[Decision]] = field(default_factory=dict)
     take_fails: dict[Any, list[int]] = field(default_factory=dict)
     aborts: dict[Any, list[tuple[int, Any]]] = field(default_factory=dict)
+    executed_keys: list[Any] = field(default_factory=list)
+    executed_ms: list[int] = field(default_factory=list)
     bad_decisions: list[BadDecision] = field(default_factory=list)
     ordered: list[tuple[int, str, _AnyOrdered]] = field(default_factory=list)
 
@@ -751,11 +760,20 @@ def _orders(sc: _Scan, ops: list[_OrderOp]) -> None:
 def _results(sc: _Scan, ops: list[_ResultOp]) -> None:
     vals = list(map(_VALUE, ops))
     if not _some_none(vals) and all(map(_IS_EXECUTED, map(_STATUS, vals))):
-        return  # executed: the ledger says it all
+        # executed: the ledger says it all to the checkers; kept for chaos.analysis
+        sc.executed_keys.extend(map(_KEY, ops))
+        ms = list(map(_ENTRY_MS, vals))
+        if 0 in ms:  # no entry time: the time the recorder read it
+            ms = [m or o.wall_ms for m, o in zip(ms, ops, strict=True)]
+        sc.executed_ms.extend(ms)
+        return
     for o, v in zip(ops, vals, strict=True):
         if not o.key:
             continue
-        if v is None:
+        if v is not None and v.status == "executed":
+            sc.executed_keys.append(o.key)
+            sc.executed_ms.append(v.entry_ms or o.wall_ms)
+        elif v is None:
             sc.aborts.setdefault(o.key, []).append((o.wall_ms, None))
         elif v.status != "executed":
             sc.aborts.setdefault(o.key, []).append((v.entry_ms or o.wall_ms, v.status))
@@ -834,6 +852,8 @@ def _merge(facts: Facts, scans: list[_Scan]) -> list[tuple[int, str, _OrderedOp]
                 else:
                     dst[k] = xs
         ordered.extend(sc.ordered)
+    facts.executed_keys = [k for sc in scans for k in sc.executed_keys]
+    facts.executed_ms = [m for sc in scans for m in sc.executed_ms]
     # A submit's status is its last completion, when that came after its last invoke (each
     # scan applied its own; a plan id in several parts is decided across them).
     for k in cross:
