@@ -1,21 +1,27 @@
-"""The governor protocol as a Locust ``User``: paced plans, one events reader per process.
+"""The governor protocol as a Locust ``User``: paced plans, one sender and one events reader
+per process.
 
 Per Locust process there is one :class:`Plane`: the sender's Redis connection pool, the
 history writer (``history/locust-<pid>-<pid>.jsonl``, ``submit`` invoke/ok as the chaos
-workloads write them, so the checkers judge the run), the plan generators of
-:mod:`chaos.workloads` (``open_storm``, ``duplicate_close``, ``stale``, ``malformed``),
-the schedule, the plans waiting for a decision, and two greenlets: the **reader**, the only
-one that reads ``P:stream:governor.events`` (XREAD BLOCK from the last entry id taken
-before the first plan was sent) and completes the waiting plans, and the **expirer**,
-which fails the plans with no decision within ``--decision-deadline-s``.
+workloads write them, with their code: :func:`chaos.workloads.submit_plans`, so the
+checkers judge the run), the plan generators of :mod:`chaos.workloads` (``open_storm``,
+``duplicate_close``, ``stale``, ``malformed``), the schedule, the plans waiting for a
+decision, and four greenlets: the **sender**, which sends the plans that came due in one
+pipeline per round trip (invokes written before it leaves, completions after its
+replies: two history writes per batch, not two per plan); the **reader**, the only one
+that reads ``P:stream:governor.events`` (XREAD BLOCK from the last entry id taken before
+the first plan was sent) and completes the waiting plans; the **expirer**, which fails the
+plans with no decision within ``--decision-deadline-s``; and the **mirror** follower,
+which rereads ``P:position:*`` for the duplicate closes, so that no user waits on a read.
 
 Open model: ``--rate`` plans/s per process, on a fixed schedule (slot *k* is due at
-``t0 + k / rate``) that the process's users share. A user takes the next slot, sleeps
-until it is due, sends, and takes the next one without waiting for the decision. Every
-latency is measured from the plan's *scheduled* time, not from when it was sent: when
-Redis or the governor stalls, the slots keep coming due, the plans behind the stall are
-sent late and their latency includes the wait (no coordinated omission), rather than the
-load test quietly sending fewer plans.
+``t0 + k / rate``) that the process's users share. A user takes the next slot, builds the
+plan, sleeps until it is due, hands it to the sender (no I/O in the user) and takes the
+next one without waiting for the decision. Every latency is measured from the plan's
+*scheduled* time, not from when it was sent: when Redis, the governor or this process
+stalls, the slots keep coming due, the plans behind the stall are sent late and their
+latency includes the wait (no coordinated omission), rather than the load test quietly
+sending fewer plans.
 """
 
 from __future__ import annotations
@@ -329,9 +335,10 @@ PLANE: Plane | None = None
 
 
 class GovernorUser(User):
-    """One sender of the process's schedule: each task run is one slot (or a
-    duplicate-close burst of three). The process's ``--rate`` is shared by its users, so
-    more users only help when one cannot keep up (a slow XADD)."""
+    """One producer of the process's schedule: each task run is one slot (or a
+    duplicate-close burst of three), handed to the process's sender when due. The
+    process's ``--rate`` is shared by its users, so more users only help when one cannot
+    keep up (a burst's spread, a late wake-up)."""
 
     def wait_time(self) -> float:
         return 0.0
