@@ -133,6 +133,26 @@ class HistoryWriter:
                 os.fsync(self._fh.fileno())
         return op
 
+    def record_many(self, entries: Iterable[tuple[OpType, str, str | None, str | None,
+                                                  dict[str, Any]]]) -> list[Op]:
+        """Record several operations with one write and one flush: ``(type, f, key, symbol,
+        value)`` each, timed in order under the lock. For a producer that sends a batch of
+        plans in one round trip: every invoke is in the file (the kernel's page cache, as
+        with :meth:`record`) before the batch is sent, every completion after its reply,
+        at two writes per batch instead of two per plan."""
+        with self._lock:
+            ops = [Op(t, str(f), self.process, time.monotonic_ns(), int(time.time() * 1000),
+                      key, symbol, value or {}) for t, f, key, symbol, value in entries]
+            if self._fh is None or not ops:
+                return ops
+            self._fh.write("".join(op.to_json() + "\n" for op in ops))
+            self._fh.flush()
+            before = self._n
+            self._n += len(ops)
+            if self._fsync_every and self._n // self._fsync_every > before // self._fsync_every:
+                os.fsync(self._fh.fileno())
+        return ops
+
     # Shorthands, Jepsen's vocabulary.
     def invoke(self, f: str, key: str | None = None, symbol: str | None = None,
                **value: Any) -> Op:

@@ -93,6 +93,7 @@ import sqlite3
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from itertools import chain
 from multiprocessing.context import SpawnProcess
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -103,7 +104,7 @@ from redis.retry import Retry
 
 from chaos import reaper
 from chaos.exchange import Exchange, plain_decimal
-from chaos.history import F, HistoryWriter
+from chaos.history import F, HistoryWriter, OpType
 from chaos.scenario import WORKLOAD_KINDS, WorkloadSpec
 from governor_ref.connection import connect
 from governor_ref.keys import Keys
@@ -650,6 +651,61 @@ class _Sender:
         finally:
             pool.release(conn)
 
+    def many(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """Several commands in one round trip (a pipeline without MULTI), each judged as
+        :meth:`__call__` judges one: its reply, or a :class:`NotSent` (no connection, an
+        error reply) or :class:`Unknown` (the connection failed after sending: this reply
+        and every later one) in its place."""
+        pool = self.client.connection_pool
+        try:
+            conn = self._borrow()
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            return [NotSent(f"{type(exc).__name__}: {exc}")] * len(commands)
+        out: list[Any] = []
+        try:
+            try:
+                conn.send_packed_command(conn.pack_commands(commands))
+            except (redis.RedisError, OSError) as exc:
+                conn.disconnect()
+                return [Unknown(f"{type(exc).__name__}: {exc}")] * len(commands)
+            for _ in commands:
+                try:
+                    out.append(conn.read_response())
+                except redis.ResponseError as exc:
+                    out.append(NotSent(f"error reply: {exc}"))
+                except (redis.RedisError, OSError) as exc:
+                    conn.disconnect()
+                    return out + [Unknown(f"{type(exc).__name__}: {exc}")] * (
+                        len(commands) - len(out))
+        except BaseException:
+            conn.disconnect()  # stopped mid-read: the socket is out of sync
+            raise
+        finally:
+            pool.release(conn)
+        return out
+
+
+def submit_plans(send: _Sender, hist: _History, plans_key: str,
+                 batch: Sequence[tuple[SubmitPlan, dict[str, Any]]]) -> list[Any]:
+    """XADD plans to ``plans_key`` as a producer must: every ``submit`` invoke recorded
+    (with the plan and ``extra``, e.g. the workload) before the plans are sent, in one
+    pipeline, then each completion: ``ok`` with the entry id, ``fail`` (surely not added),
+    ``info`` (unknown). Returns each plan's entry id, or its :class:`NotSent` /
+    :class:`Unknown`. The chaos workloads send batches of one; the load test sends the
+    plans that came due together."""
+    hist.record_many((OpType.INVOKE, F.SUBMIT, em.key, em.symbol,
+                      {"plan": _jsonable(em.fields), **extra, **em.meta})
+                     for em, extra in batch)
+    commands = [["XADD", plans_key, "*", *chain.from_iterable(em.fields.items())]
+                for em, _extra in batch]
+    replies = send.many(commands)
+    hist.record_many(
+        (OpType.FAIL if isinstance(r, NotSent) else OpType.INFO, F.SUBMIT, em.key, em.symbol,
+         {"error": str(r)}) if isinstance(r, NotSent | Unknown) else
+        (OpType.OK, F.SUBMIT, em.key, em.symbol, {"entry_id": _text(r)})
+        for (em, _extra), r in zip(batch, replies, strict=True))
+    return replies
+
 
 def make_client(ctx: WorkloadContext) -> redis.Redis:
     """A client with short timeouts and NO automatic retries (see the module docstring)."""
@@ -670,6 +726,9 @@ class _History(Protocol):
     def info(self, f: str, key: str | None = None, symbol: str | None = None,
              **value: Any) -> Any: ...
 
+    def record_many(self, entries: Iterable[tuple[OpType, str, str | None, str | None,
+                                                  dict[str, Any]]]) -> Any: ...
+
     def close(self) -> None: ...
 
 
@@ -681,6 +740,10 @@ class _NoHistory:
         return None
 
     ok = fail = info = invoke
+
+    def record_many(self, entries: Iterable[Any]) -> None:
+        for _ in entries:  # generators passed in are consumed, as the writer would
+            pass
 
     def close(self) -> None:
         return None
@@ -914,23 +977,15 @@ class _Worker:
 
     def _submit(self, em: SubmitPlan) -> bool:
         self.stats.plans += 1
-        self.hist.invoke(F.SUBMIT, key=em.key, symbol=em.symbol, plan=_jsonable(em.fields),
-                         workload=self.spec.kind, **em.meta)
-        args: list[Any] = ["XADD", self.keys.plans, "*"]
-        for k, v in em.fields.items():
-            args += (k, v)
-        try:
-            entry_id = self.send(*args)
-        except NotSent as exc:
+        [reply] = submit_plans(self.send, self.hist, self.keys.plans,
+                               [(em, {"workload": self.spec.kind})])
+        if isinstance(reply, NotSent):
             self.stats.fail += 1
-            self.hist.fail(F.SUBMIT, key=em.key, symbol=em.symbol, error=str(exc))
             return False
-        except Unknown as exc:
+        if isinstance(reply, Unknown):
             self.stats.info += 1
-            self.hist.info(F.SUBMIT, key=em.key, symbol=em.symbol, error=str(exc))
             return False
         self.stats.ok += 1
-        self.hist.ok(F.SUBMIT, key=em.key, symbol=em.symbol, entry_id=_text(entry_id))
         return True
 
     def _set_regime(self, em: SetRegime) -> bool:

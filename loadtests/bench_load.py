@@ -10,7 +10,12 @@ here (its import monkey-patches gevent into this process). A round measures
   not the bottleneck). A step is *sustained* when Locust's achieved request rate (CSV,
   Aggregated ``Requests/s``) is at least 95% of the target, its HDR p99 is under 50 ms
   and no plan went undecided; the figure is the highest sustained step below the first
-  step that is not (the steps stop there);
+  step that is not (the steps stop there). The same steps again with ``--own-executor``
+  (the world runs no apply layer and no exchange, which otherwise execute every permit
+  of the trivial governor and take most of a core): the sender's own capacity. Each step
+  prints the CPU of each part (% of one core, psutil, over the steady part of the load):
+  the Locust process, the world, Redis, the governors, and ``others`` (the rest of the
+  machine: other users of a shared host);
 * (b) the harness's latency floor: the trivial governor at 500 plans/s
   (``--floor-s``): p50/p99/p99.9 from ``latency.json``. Beside it, on an embedded
   redis-server of the same binary and configuration, measured from this process with
@@ -38,8 +43,10 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import psutil
 
 from chaos.redis_servers import EmbeddedConfig, EmbeddedRedis
 
@@ -64,6 +71,59 @@ class Run:
     broken: list[str]
     exit_code: int
     wall_s: float
+    cpu: dict[str, float] = field(default_factory=dict)  # % of one core, by part
+
+
+def _part(p: psutil.Process, root: int) -> str:
+    """Which part of a load-test run a process is, for the CPU shares."""
+    if p.pid == root:
+        return "locust"
+    cmd = " ".join(p.cmdline())
+    if "chaos.loadtest.world" in cmd:
+        return "world"
+    if "redis-server" in cmd:
+        return "redis"
+    if "chaos.reaper" in cmd:
+        return "reapers"
+    return "governors"
+
+
+def cpu_shares(proc: subprocess.Popen[str], started: Path, secs: int) -> dict[str, float]:
+    """CPU of each part of the run (% of one core) over the load's steady part (from 1 s
+    after the first plan to 1 s before the end), and of everything else on the machine
+    (``others``: other users of the host, measured as busy time minus the run's)."""
+    deadline = time.monotonic() + 120
+    while not list(started.glob("locust-*.jsonl")) and time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return {}
+        time.sleep(0.1)
+    time.sleep(1)
+    root = psutil.Process(proc.pid)
+
+    def snap() -> dict[int, tuple[str, float]]:
+        out = {}
+        for p in [root, *root.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                out[p.pid] = (_part(p, proc.pid), t.user + t.system)
+            except psutil.Error:
+                continue
+        return out
+
+    def busy() -> float:
+        t = psutil.cpu_times()
+        return t.user + t.nice + t.system + t.irq + t.softirq + getattr(t, "steal", 0.0)
+
+    a, b0, t0 = snap(), busy(), time.monotonic()
+    time.sleep(max(1.0, secs - 2.5))
+    b, b1, dt = snap(), busy(), time.monotonic() - t0
+    shares: dict[str, float] = {}
+    for pid, (part, used) in b.items():
+        if pid in a:
+            shares[part] = shares.get(part, 0.0) + (used - a[pid][1]) / dt * 100
+    mine = sum(shares.values())
+    shares["others"] = max(0.0, (b1 - b0) / dt * 100 - mine)
+    return {k: round(v, 1) for k, v in shares.items()}
 
 
 def locust_bin() -> str:
@@ -71,7 +131,8 @@ def locust_bin() -> str:
     return str(exe) if exe.exists() else (shutil.which("locust") or "locust")
 
 
-def run_locust(tag: str, rate: float, secs: int, governor_cmd: str | None) -> Run:
+def run_locust(tag: str, rate: float, secs: int, governor_cmd: str | None,
+               *extra: str) -> Run:
     """One headless Locust run in a subprocess; its figures from the files it leaves."""
     run_dir = OUT / tag
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -83,11 +144,19 @@ def run_locust(tag: str, rate: float, secs: int, governor_cmd: str | None) -> Ru
            "--run-dir", str(run_dir), "--csv", str(csv_prefix), "--only-summary"]
     if governor_cmd:
         cmd += ["--governor-cmd", governor_cmd]
+    cmd += extra
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=secs + 180)
+    log_path = OUT / f"{tag}.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
+        try:
+            cpu = cpu_shares(proc, run_dir / "history", secs)
+            proc.wait(timeout=secs + 180)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     wall = time.monotonic() - t0
-    (OUT / f"{tag}.log").write_text(proc.stdout)
     lat_path = run_dir / "latency.json"
     if not lat_path.exists():
         raise RuntimeError(f"{tag}: no latency.json (exit {proc.returncode}); "
@@ -108,12 +177,17 @@ def run_locust(tag: str, rate: float, secs: int, governor_cmd: str | None) -> Ru
         broken = [k for k, v in (res.get("invariants") or {}).items()
                   if isinstance(v, dict) and v.get("valid") is False]
     return Run(rate, achieved, count, fails, lat.get("p50") or 0.0, lat.get("p99") or 0.0,
-               lat.get("p99.9") or 0.0, valid, broken, proc.returncode, wall)
+               lat.get("p99.9") or 0.0, valid, broken, proc.returncode, wall, cpu)
 
 
 def sustained(r: Run) -> bool:
     return (r.achieved >= SUSTAIN_SHARE * r.rate and r.p99 < SUSTAIN_P99_MS
             and r.fails == 0)
+
+
+def _cpu(shares: dict[str, float]) -> str:
+    order = ("locust", "world", "redis", "governors", "reapers", "others")
+    return " ".join(f"{k} {shares[k]:.0f}" for k in order if k in shares) or "-"
 
 
 def pct(values: list[float], p: float) -> float:
@@ -193,24 +267,33 @@ def main() -> int:
           f"x {args.step_s} s; floor 500/s x {args.floor_s} s; reference 500/s x "
           f"{args.ref_s} s", flush=True)
     best: list[float] = []
+    best_own: list[float] = []
     step_runs: list[list[dict]] = []
     floors: list[Run] = []
     refs: list[Run] = []
     rtts: list[dict[str, float]] = []
-    for k in range(args.rounds):
+
+    def climb(k: int, label: str, *extra: str) -> tuple[float, list[dict]]:
         top, runs = 0.0, []
         for rate in steps:
-            r = run_locust(f"r{k}-step{rate:g}", rate, args.step_s, TRIVIAL)
+            r = run_locust(f"r{k}-{label}{rate:g}", rate, args.step_s, TRIVIAL, *extra)
             ok = sustained(r)
-            runs.append(asdict(r) | {"sustained": ok})
-            print(f"  round {k + 1}: step {rate:,.0f}/s achieved {r.achieved:,.0f}/s "
+            runs.append(asdict(r) | {"sustained": ok, "world": label})
+            print(f"  round {k + 1}: {label} {rate:,.0f}/s achieved {r.achieved:,.0f}/s "
                   f"p99 {r.p99:.2f} ms fails {r.fails} -> "
-                  f"{'sustained' if ok else 'NOT sustained'} ({r.wall_s:.0f} s)", flush=True)
+                  f"{'sustained' if ok else 'NOT sustained'} ({r.wall_s:.0f} s); CPU % "
+                  f"{_cpu(r.cpu)}", flush=True)
             if not ok:
                 break
             top = rate
+        return top, runs
+
+    for k in range(args.rounds):
+        top, runs = climb(k, "step")
         best.append(top)
-        step_runs.append(runs)
+        own, runs_own = climb(k, "own-executor", "--own-executor")
+        best_own.append(own)
+        step_runs.append(runs + runs_own)
         f = run_locust(f"r{k}-floor", 500, args.floor_s, TRIVIAL)
         floors.append(f)
         print(f"  round {k + 1}: floor (trivial governor) 500/s: p50 {f.p50:.2f} p99 "
@@ -235,7 +318,8 @@ def main() -> int:
     print()
     print(f"highest sustained rate, one Locust process (>= {SUSTAIN_SHARE:.0%} of target, "
           f"p99 < {SUSTAIN_P99_MS:g} ms, no undecided plan): {med(best)} plans/s "
-          f"(target >= 2,000)")
+          f"(target >= 2,000); the sender alone (--own-executor: no apply layer or exchange "
+          f"competing for the cores): {med(best_own)} plans/s")
     print()
     print(f"{'at 500 plans/s unless said':<44} {'p50 ms':>20} {'p99 ms':>20} "
           f"{'p99.9 ms':>20}")
@@ -258,7 +342,8 @@ def main() -> int:
                "steps": steps, "step_s": args.step_s, "floor_s": args.floor_s,
                "ref_s": args.ref_s, "sustained_rule": {"share": SUSTAIN_SHARE,
                                                        "p99_ms": SUSTAIN_P99_MS},
-               "highest_sustained": best, "step_runs": step_runs,
+               "highest_sustained": best, "highest_sustained_own_executor": best_own,
+               "step_runs": step_runs,
                "floor": [asdict(x) for x in floors], "reference": [asdict(x) for x in refs],
                "round_trips": rtts, "total_s": total,
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}

@@ -258,3 +258,80 @@ def test_external_governor_on_staging_keeps_its_keys(tmp_path: Path) -> None:
         finally:
             gov.terminate()
             gov.wait(timeout=10)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _http(url: str, data: dict[str, str] | None = None, timeout: float = 10) -> dict:
+    """GET, or POST a form; the JSON reply."""
+    from urllib.parse import urlencode
+    from urllib.request import urlopen
+
+    body = urlencode(data).encode() if data is not None else None
+    with urlopen(url, data=body, timeout=timeout) as resp:  # noqa: S310 - loopback only
+        return json.loads(resp.read() or b"{}")
+
+
+def test_web_ui_swarm_stop_swarm_again_then_sigterm(tmp_path: Path) -> None:
+    """Locust without ``--headless`` on 127.0.0.1: the world starts once, before the web
+    UI; ``POST /swarm`` starts the load (a form field naming a load-test option is
+    ignored: options are fixed at start), ``POST /stop`` stops it and settles the plans in
+    flight, a second swarm continues the same run, and SIGTERM (Locust has no /quit) stops
+    the world, which judges the run directory; nothing of the run is left."""
+    exe = shutil.which("locust", path=os.path.dirname(sys.executable)) or "locust"
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [exe, "-f", str(LOCUSTFILE), "--web-host", "127.0.0.1", "--web-port", str(port),
+         "--rate", "100", "--run-dir", str(run)],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                _http(f"{base}/stats/requests")
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "no web UI"
+                time.sleep(0.2)
+        hist = run / "history"
+
+        def sent() -> int:
+            return sum(1 for f in hist.glob("locust-*.jsonl")
+                       for line in f.open() if '"type":"ok"' in line)
+
+        reply = _http(f"{base}/swarm", {"user_count": "2", "spawn_rate": "2", "rate": "5000"})
+        assert reply["success"] is True, reply
+        time.sleep(3)
+        assert _http(f"{base}/stop", {})["success"] is True
+        time.sleep(1)
+        first = sent()
+        assert 150 < first < 600, first  # 100 plans/s for ~3 s: the form's rate was ignored
+        assert _http(f"{base}/swarm", {"user_count": "2", "spawn_rate": "2"})["success"]
+        time.sleep(2)
+        assert _http(f"{base}/stop", {})["success"] is True
+        time.sleep(1)
+        assert sent() > first + 100
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "options are fixed when Locust starts; ignored the new value of --rate" in out, \
+        out[-3000:]
+    assert "verdict: VALID" in out, out[-3000:]
+    assert proc.returncode == 0, out[-3000:]
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["status"] == "complete"
+    results = json.loads((run / "results.json").read_text())
+    assert results["valid"] is True and results["coverage"]["plans_sent"] == sent()
+    assert len(list((run / "history").glob("runner-*.jsonl"))) == 1  # one world
+    assert _wait_gone(run) == []

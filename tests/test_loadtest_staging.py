@@ -4,6 +4,7 @@ outside the prefix, and a least-privilege ACL user that suffices for a whole sma
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -515,3 +516,81 @@ def _field(entry: Any, name: str) -> str:
     pairs = dict(zip(entry[::2], entry[1::2], strict=True)) if isinstance(entry, list) else entry
     value = pairs.get(name.encode(), pairs.get(name, b""))
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# --------------------------------------------------------------------------- own executor
+
+
+def _ext_governor(cmd: list[str], url: str, prefix: str, log_path: Path
+                  ) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, REDIS_URL=url, GOVERNOR_PREFIX=prefix, GOVERNOR_CONSUMER="ext-1")
+    with log_path.open("wb") as log_file:
+        return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
+                                stderr=subprocess.STDOUT)
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("governor", ["reference", "trivial"])
+def test_own_executor_judges_without_a_ledger(
+        staging: EmbeddedRedis, admin: redis.Redis, foreign: set[bytes], pfx: str,
+        tmp_path: Path, governor: str) -> None:
+    """``--external-governor --own-executor`` on a staging Redis where a governor and the
+    system's own executor (an apply layer started here, as the staging system would run
+    it) already serve on the prefix: the load test starts neither an apply layer nor an
+    exchange, measures decisions, skips the checks that need the ledger and is never
+    VALID: UNKNOWN (exit 2) when the checks it ran held (the reference), INVALID (exit 1)
+    when one did not (the trivial governor permits stale plans: fresh_intent)."""
+    from test_loadtest import ROOT, _locust
+
+    k = Keys(pfx)
+    admin.hset(k.config, mapping=GovernorConfig().to_hash())  # its deployer wrote it
+    cmd = [sys.executable, "-m", "governor_ref", "run"] if governor == "reference" else \
+        [sys.executable, str(ROOT / "loadtests" / "trivial_governor.py")]
+    gov = _ext_governor(cmd, staging.url, pfx, tmp_path / "gov.log")
+    executor = ApplyLayer(staging.url, k, Exchange.create(tmp_path / "own.db", capital=10_000),
+                          FAST)
+    try:
+        wait_for(lambda: admin.exists(k.plans) and (governor == "trivial" or admin.exists(
+            k.results, k.last_seen) == 2), 15, "the external governor's keys")
+        executor.start_thread()
+        assert executor.started.wait(10)
+        kept = _under(admin, pfx)
+        p = _locust(tmp_path, "--redis-url", staging.url, "--prefix", pfx,
+                    "--external-governor", "--own-executor", "--rate", "100",
+                    "--mix", "open=60,close=20,stale=20", seconds=3)
+        out = p.stdout + p.stderr
+        assert gov.poll() is None, (tmp_path / "gov.log").read_text()[-2000:]
+    finally:
+        executor.stop()
+        _stop(gov)
+    run = tmp_path / "run"
+    assert (run / "results.json").exists(), out[-3000:]
+    results = json.loads((run / "results.json").read_text())
+    inv = results["invariants"]
+    for name in ("slots", "one_position_per_symbol", "single_close", "capital", "liveness"):
+        assert inv[name]["valid"] == "unknown" and "skipped" in inv[name]["note"], inv[name]
+    assert inv["one_decision"]["valid"] is True and inv["protocol"]["valid"] is True
+    cov = results["coverage"]
+    assert cov["plans_sent"] > 150 and cov["permits"] > 0
+    assert any("own executor" in w for w in cov["not_exercised"]), cov
+    assert "with its own executor" in out
+    assert not list((run / "history").glob("apply-*.jsonl"))  # no apply layer of ours
+    assert Exchange(run / "ledger.sqlite").orders() == []
+    assert executor.exchange.orders(), "the system's executor executed the permits"
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["own_executor"] is True and meta["loadtest"]["own_executor"] is True
+    if governor == "reference":
+        assert p.returncode == 2, out[-4000:]
+        assert results["valid"] == "unknown" and inv["fresh_intent"]["valid"] is True
+        assert "verdict: UNKNOWN" in out
+    else:
+        assert p.returncode == 1, out[-4000:]
+        assert results["valid"] is False and inv["fresh_intent"]["valid"] is False
+    # Cleanup removed what the run wrote: its plans and the inputs it added. The system
+    # (its governor and executor ran until now) may still have reacted to the run's last
+    # permits after that: its mirror, results and private keys are its own state.
+    left = {x.decode()[len(pfx) + 1:] for x in _under(admin, pfx) - kept}
+    assert admin.xlen(k.plans) == 0
+    assert not {x for x in left if x.startswith(("slots:", "portfolio:capital",
+                                                 "capital:allocation:"))}, left
+    admin.unlink(*_under(admin, pfx))

@@ -34,15 +34,18 @@ from chaos.workloads import (
     InitialRegime,
     Malformed,
     MarketView,
+    NotSent,
     SetPnl,
     SetRegime,
     SubmitPlan,
+    Unknown,
     WorkloadContext,
     WorkloadError,
     WorkloadGroup,
     make_generator,
     read_summaries,
     start_workloads,
+    submit_plans,
 )
 from governor_ref.keys import Keys
 from governor_ref.protocol import Action, Plan, PlanError
@@ -477,3 +480,37 @@ def test_summary_is_json(tmp_path: Path) -> None:
     (tmp_path / "workloads").mkdir()
     (tmp_path / "workloads" / "x-0.json").write_text(json.dumps({"plans": 1}))
     assert read_summaries(tmp_path) == {"x-0": {"plans": 1}}
+
+
+def test_submit_plans_in_one_pipeline_judges_each(redis_server: EmbeddedRedis, prefix: str,
+                                                 tmp_path: Path) -> None:
+    """A batch: every invoke is in the file before the pipeline leaves, then one completion
+    per plan: ok with its entry id, fail for an error reply (that plan only: a WRONGTYPE
+    stream key), fail for all when no connection can be made."""
+    from chaos.history import HistoryWriter
+    from chaos.workloads import _Sender
+
+    keys = Keys(prefix)
+    r = redis_server.client(decode_responses=True)
+    send = _Sender(redis.Redis.from_url(redis_server.url, decode_responses=True))
+    hist = HistoryWriter(tmp_path, "batch")
+    plans = [SubmitPlan(f"p{i}", "S000USDT", {"plan_id": f"p{i}", "symbol": "S000USDT"},
+                        meta={"n": i}) for i in range(3)]
+    r.set(f"{prefix}:not-a-stream", "x")
+    replies = submit_plans(send, hist, keys.plans, [(p, {"workload": "w"}) for p in plans[:2]])
+    replies += submit_plans(send, hist, f"{prefix}:not-a-stream", [(plans[2], {})])
+    assert isinstance(replies[2], NotSent) and "WRONGTYPE" in str(replies[2])
+    assert [e for e, _f in r.xrange(keys.plans)] == replies[:2]
+    redis_server.kill()
+    down = submit_plans(send, hist, keys.plans, [(p, {}) for p in plans[:2]])
+    assert all(isinstance(x, NotSent | Unknown) for x in down)
+    hist.close()
+    ops = read_history(tmp_path)
+    assert [(o.type, o.key) for o in ops[:4]] == [
+        (OpType.INVOKE, "p0"), (OpType.INVOKE, "p1"), (OpType.OK, "p0"), (OpType.OK, "p1")]
+    assert ops[0].value == {"plan": {"plan_id": "p0", "symbol": "S000USDT"}, "workload": "w",
+                            "n": 0}
+    assert ops[2].value == {"entry_id": replies[0]}
+    assert [o.type for o in ops[4:6]] == [OpType.INVOKE, OpType.FAIL]
+    assert [o.type for o in ops[6:]] == [OpType.INVOKE, OpType.INVOKE, OpType.FAIL, OpType.FAIL]
+    assert all(a.time_ns < b.time_ns for a, b in zip(ops, ops[1:], strict=False))

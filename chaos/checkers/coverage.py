@@ -145,7 +145,9 @@ def coverage(facts: Facts) -> dict[str, Any]:
     }
     spec = facts.meta.get("scenario_spec")
     if facts.meta.get("kind") == "loadtest":
-        cov["not_exercised"] = loadtest_not_exercised(cov)
+        cov["not_exercised"] = loadtest_not_exercised(
+            cov, own_executor=bool(facts.meta.get("own_executor")),
+            skipped=list(facts.meta.get("checks_skipped") or ()))
         cov["exercised"] = not cov["not_exercised"]
         return cov
     if facts.meta.get("kind") == "import" or not isinstance(spec, dict):
@@ -178,10 +180,16 @@ def coverage(facts: Facts) -> dict[str, Any]:
     return cov
 
 
-def loadtest_not_exercised(cov: dict[str, Any]) -> list[str]:
+def loadtest_not_exercised(cov: dict[str, Any], own_executor: bool = False,
+                           skipped: list[str] | None = None) -> list[str]:
     """A load test (``kind: "loadtest"``) has no scenario to hold it to: its rate is the
     operator's. It must still have sent plans, had them decided, and executed permits,
-    or a VALID verdict would be vacuous."""
+    or a VALID verdict would be vacuous.
+
+    ``own_executor``: the system under test executed its permits itself (run.json
+    ``own_executor``), so the harness has no ledger and the checks that need one were
+    skipped: such a run is at best UNKNOWN (nothing found among the checks that ran),
+    never VALID; a violation of those checks still makes it INVALID."""
     why: list[str] = []
     if not cov["plans_sent"]:
         why.append("the load test sent no plan")
@@ -189,6 +197,10 @@ def loadtest_not_exercised(cov: dict[str, Any]) -> list[str]:
         why.append("no plan was decided")
     elif not cov["permits"]:
         why.append(f"no plan was permitted ({cov['plans_decided']} decided)")
+    elif own_executor:
+        ledger = [c for c in skipped or () if c != "liveness"]
+        why.append(f"the system's own executor ran the {cov['permits']} permits: no ledger "
+                   f"here, so {', '.join(ledger) or 'the ledger checks'} were not judged")
     elif not cov["permits_executed"]:
         why.append(f"none of the {cov['permits']} permits reached the exchange")
     return why

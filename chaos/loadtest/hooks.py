@@ -51,6 +51,7 @@ class _State:
     finished = False
     error: str | None = None
     target: Any = None  # a staging.StagingTarget with --redis-url
+    fixed: dict[str, Any] = {}  # the options as the world was started with them
 
 
 S = _State()
@@ -95,6 +96,8 @@ def _on_init(environment: Environment, **_: Any) -> None:
         args += ["--governor-cmd", opts.governor_cmd]
     if link:
         args.append("--link-latest")
+    if opts.own_executor:
+        args.append("--own-executor")
     if S.target is not None:
         args += ["--prefix", S.target.prefix]
         if opts.external_governor:
@@ -112,10 +115,13 @@ def _on_init(environment: Environment, **_: Any) -> None:
     S.run_dir = Path(info.run_dir)
     opts.lt_world_url, opts.lt_world_prefix = info.redis_url, info.prefix
     opts.lt_world_run_dir = info.run_dir
+    S.fixed = options.fixed(opts)
     where = f"Redis {S.target.shown_url}" if S.target is not None else \
         f"embedded Redis {info.redis_url}"
     gov = "an external governor" if opts.external_governor else \
         f"{opts.governors} x {opts.governor_cmd or opts.governor} governor"
+    if opts.own_executor:
+        gov += " with its own executor (no apply layer, no exchange: ledger checks skipped)"
     print(f"load test: {where}, prefix {info.prefix}, {gov}, run directory {info.run_dir}",
           flush=True)
 
@@ -136,7 +142,8 @@ def _staging_preflight(opts: Any) -> Any:
         target = staging.preflight(opts.redis_url, opts.prefix or None,
                                    allow_remote=opts.allow_remote_redis,
                                    external_governor=opts.external_governor,
-                                   owned_prefix=opts.owned_prefix)
+                                   owned_prefix=opts.owned_prefix,
+                                   own_executor=opts.own_executor)
         ceiling = (staging.RateCeiling(opts.max_rate) if opts.max_rate
                    else staging.RateCeiling.for_target(target))
         ceiling.check(opts.rate * _sender_processes(opts))  # the whole run's rate
@@ -167,9 +174,14 @@ def _fail(env: Environment, message: str, code: int) -> None:
 
 @events.test_start.add_listener
 def _on_test_start(environment: Environment, **_: Any) -> None:
+    opts = environment.parsed_options
+    if S.fixed and opts is not None:  # the controller: before the workers get the options
+        changed = options.restore(opts, S.fixed)
+        if changed:
+            print(f"load test: options are fixed when Locust starts; ignored the new value "
+                  f"of {', '.join('--' + c.replace('_', '-') for c in changed)}", flush=True)
     if isinstance(environment.runner, MasterRunner) or S.error:
         return
-    opts = environment.parsed_options
     if user.PLANE is not None or not opts or not opts.lt_world_url:
         return
     mix = S.mix or options.parse_mix(opts.mix)

@@ -50,8 +50,16 @@ def parse_mix(text: str) -> dict[str, float]:
 def add_arguments(parser: Any) -> None:
     """Add the load test's options to Locust's parser (``init_command_line_parser``)."""
     # On the parser itself: Locust's add_argument (include_in_web_ui, is_secret) is not on
-    # argument groups.
-    g = parser
+    # argument groups. None is shown in the web UI's form: the world starts once, with the
+    # command line's options (see fixed()), and the form would show --redis-url's password.
+    class _Hidden:
+        def add_argument(self, *names: str, **kw: Any) -> Any:
+            action = parser.add_argument(*names, include_in_web_ui=False, **kw)
+            OPTION_DESTS.append(action.dest)
+            return action
+
+    OPTION_DESTS.clear()
+    g = _Hidden()
     g.add_argument("--governor", default="reference", choices=VARIANTS,
                    help="governor variant started against the embedded Redis")
     g.add_argument("--governor-cmd", default="",
@@ -74,6 +82,9 @@ def add_arguments(parser: Any) -> None:
     g.add_argument("--prefix", default="", help="key prefix on --redis-url")
     g.add_argument("--external-governor", action="store_true", default=False,
                    help="drive a governor already running on --redis-url with --prefix")
+    g.add_argument("--own-executor", action="store_true", default=False,
+                   help="the system under test executes its permits itself: start no apply "
+                        "layer and no exchange; measure decisions, skip the ledger checks")
     g.add_argument("--allow-remote-redis", "--allow-remote", dest="allow_remote_redis",
                    action="store_true", default=False,
                    help="allow a non-loopback --redis-url")
@@ -81,7 +92,26 @@ def add_arguments(parser: Any) -> None:
                    help="--prefix is the load test's own: accept the keys found there")
     # Set by the master once the world is up; they reach the workers with the test start.
     for name in ("--lt-world-url", "--lt-world-prefix", "--lt-world-run-dir"):
-        g.add_argument(name, default="", include_in_web_ui=False, help=argparse.SUPPRESS)
+        g.add_argument(name, default="", help=argparse.SUPPRESS)
+
+
+OPTION_DESTS: list[str] = []  # the load test's options (add_arguments fills it)
+
+
+def fixed(opts: Any) -> dict[str, Any]:
+    """The load test's option values, to restore when something changed them after the
+    start: the web UI's ``POST /swarm`` writes any form field that names an option into
+    ``parsed_options``, and a run's world, rate ceiling and checks are set at start."""
+    return {k: getattr(opts, k) for k in OPTION_DESTS if hasattr(opts, k)}
+
+
+def restore(opts: Any, values: Mapping[str, Any]) -> list[str]:
+    """Put ``values`` (from :func:`fixed`) back into ``opts``; returns the options that
+    had changed."""
+    changed = [k for k, v in values.items() if getattr(opts, k, v) != v]
+    for k in changed:
+        setattr(opts, k, values[k])
+    return changed
 
 
 def validate(opts: Any) -> dict[str, float]:
@@ -112,4 +142,5 @@ def settings(opts: Any, mix: Mapping[str, float]) -> dict[str, Any]:
             "run_time": getattr(opts, "run_time", None),
             "processes": getattr(opts, "processes", None),
             "redis_url": redact_url(opts.redis_url) if opts.redis_url else None,
-            "prefix": opts.prefix or None, "external_governor": opts.external_governor}
+            "prefix": opts.prefix or None, "external_governor": opts.external_governor,
+            "own_executor": opts.own_executor}

@@ -215,6 +215,11 @@ deployed it (the protocol: before governors start). The events stream is accepte
 empty, with at most the group ``apply`` of the system's own executor. Each stream must be
 empty and carry only its protocol group: an entry is traffic."""
 
+OWN_EXECUTOR_KEYS: dict[str, str] = {"portfolio:exposure_pct": "string"}
+"""What an idle executor of the system under test leaves besides (with ``own_executor``):
+the exposure it keeps current (the protocol's inputs table); its group ``apply`` on the
+events stream is accepted with the governor's keys. Positions are state: refused."""
+
 _STREAM_GROUPS: dict[str, frozenset[str]] = {
     "stream:apply.plan": frozenset({GROUP_GOVERNOR}),
     "stream:apply.result": frozenset({GROUP_GOVERNOR_RESULTS}),
@@ -297,7 +302,7 @@ def _groups(c: redis.Redis, key: bytes) -> frozenset[str]:
 
 
 def preflight(url: str, prefix: str | None, *, allow_remote: bool, external_governor: bool,
-              owned_prefix: bool) -> StagingTarget:
+              owned_prefix: bool, own_executor: bool = False) -> StagingTarget:
     """Check that a load test may run on ``url`` under ``prefix``; raise :class:`StagingError`.
 
     In order, so that the cheap, offline checks refuse before anything connects: the URL's
@@ -305,7 +310,8 @@ def preflight(url: str, prefix: str | None, *, allow_remote: bool, external_gove
     (unreachable, wrong password); then the prefix. ``prefix=None`` picks a fresh
     ``lt-<hex>`` nobody uses. A given prefix must hold nothing, unless ``owned_prefix``
     (anything is accepted and kept) or ``external_governor`` (exactly what an idle
-    governor leaves: :data:`EXTERNAL_GOVERNOR_KEYS`). Keys are found with SCAN, never KEYS.
+    governor leaves: :data:`EXTERNAL_GOVERNOR_KEYS`, and with ``own_executor`` what its
+    idle executor leaves: :data:`OWN_EXECUTOR_KEYS`). Keys are found with SCAN, never KEYS.
     """
     shown = redact_url(url)
     try:
@@ -333,7 +339,8 @@ def preflight(url: str, prefix: str | None, *, allow_remote: bool, external_gove
         try:
             if prefix is None:
                 return _fresh(c, url, remote)
-            return _given(c, url, prefix, remote, external_governor, owned_prefix)
+            return _given(c, url, prefix, remote, external_governor, owned_prefix,
+                          own_executor)
         except redis.RedisError as exc:
             raise StagingError(f"Redis at {shown}: preflight failed: "
                                f"{_one_line(exc, url)}") from None
@@ -351,10 +358,11 @@ def _fresh(c: redis.Redis, url: str, remote: bool) -> StagingTarget:
 
 
 def _given(c: redis.Redis, url: str, prefix: str, remote: bool, external_governor: bool,
-           owned_prefix: bool) -> StagingTarget:
+           owned_prefix: bool, own_executor: bool = False) -> StagingTarget:
     ns = f"{prefix}:".encode()
     found: set[bytes] = set()
-    allowed = EXTERNAL_GOVERNOR_KEYS if external_governor else {}
+    allowed = {**(EXTERNAL_GOVERNOR_KEYS if external_governor else {}),
+               **(OWN_EXECUTOR_KEYS if external_governor and own_executor else {})}
     for key in _scan(c, prefix):
         if not key.startswith(ns):  # SCAN MATCH cannot widen a safe token; checked anyway
             continue

@@ -1,21 +1,27 @@
-"""The governor protocol as a Locust ``User``: paced plans, one events reader per process.
+"""The governor protocol as a Locust ``User``: paced plans, one sender and one events reader
+per process.
 
 Per Locust process there is one :class:`Plane`: the sender's Redis connection pool, the
 history writer (``history/locust-<pid>-<pid>.jsonl``, ``submit`` invoke/ok as the chaos
-workloads write them, so the checkers judge the run), the plan generators of
-:mod:`chaos.workloads` (``open_storm``, ``duplicate_close``, ``stale``, ``malformed``),
-the schedule, the plans waiting for a decision, and two greenlets: the **reader**, the only
-one that reads ``P:stream:governor.events`` (XREAD BLOCK from the last entry id taken
-before the first plan was sent) and completes the waiting plans, and the **expirer**,
-which fails the plans with no decision within ``--decision-deadline-s``.
+workloads write them, with their code: :func:`chaos.workloads.submit_plans`, so the
+checkers judge the run), the plan generators of :mod:`chaos.workloads` (``open_storm``,
+``duplicate_close``, ``stale``, ``malformed``), the schedule, the plans waiting for a
+decision, and four greenlets: the **sender**, which sends the plans that came due in one
+pipeline per round trip (invokes written before it leaves, completions after its
+replies: two history writes per batch, not two per plan); the **reader**, the only one
+that reads ``P:stream:governor.events`` (XREAD BLOCK from the last entry id taken before
+the first plan was sent) and completes the waiting plans; the **expirer**, which fails the
+plans with no decision within ``--decision-deadline-s``; and the **mirror** follower,
+which rereads ``P:position:*`` for the duplicate closes, so that no user waits on a read.
 
 Open model: ``--rate`` plans/s per process, on a fixed schedule (slot *k* is due at
-``t0 + k / rate``) that the process's users share. A user takes the next slot, sleeps
-until it is due, sends, and takes the next one without waiting for the decision. Every
-latency is measured from the plan's *scheduled* time, not from when it was sent: when
-Redis or the governor stalls, the slots keep coming due, the plans behind the stall are
-sent late and their latency includes the wait (no coordinated omission), rather than the
-load test quietly sending fewer plans.
+``t0 + k / rate``) that the process's users share. A user takes the next slot, builds the
+plan, sleeps until it is due, hands it to the sender (no I/O in the user) and takes the
+next one without waiting for the decision. Every latency is measured from the plan's
+*scheduled* time, not from when it was sent: when Redis, the governor or this process
+stalls, the slots keep coming due, the plans behind the stall are sent late and their
+latency includes the wait (no coordinated omission), rather than the load test quietly
+sending fewer plans.
 """
 
 from __future__ import annotations
@@ -30,12 +36,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import gevent
+import gevent.event
 import redis
-from gevent import GreenletExit
 from locust import User, task
 from locust.env import Environment
 
-from chaos.history import F, HistoryWriter
+from chaos.history import HistoryWriter
 from chaos.loadtest.latency import LatencyRecorder
 from chaos.scenario import WorkloadSpec
 from chaos.workloads import (
@@ -46,11 +52,9 @@ from chaos.workloads import (
     OpenStorm,
     Stale,
     SubmitPlan,
-    Unknown,
     WorkloadContext,
-    _jsonable,
     _Sender,
-    _text,
+    submit_plans,
 )
 from governor_ref.keys import Keys
 
@@ -63,9 +67,11 @@ log = logging.getLogger(__name__)
 MALFORMED_WAYS = ("lowercase_symbol", "missing_side", "negative_notional",
                   "exponent_notional", "text_notional", "unknown_action", "binary_field",
                   "extra_field")
-DECISIONS = ("PERMIT", "BLOCK")
-MIRROR_TTL_S = 0.05  # a duplicate-close burst reuses a mirror read this recent
+DECISIONS = (b"PERMIT", b"BLOCK")
+MIRROR_TTL_S = 0.05  # the mirror greenlet rereads P:position:* at most this often
 READ_BLOCK_MS = 200
+READ_COUNT = 5000  # entries per XREAD: a second of decisions at 5,000 plans/s
+MAX_BATCH = 500  # plans per XADD pipeline
 
 
 class DecisionTimeout(Exception):
@@ -118,8 +124,7 @@ class Plane:
                                            encoding_errors="replace", socket_timeout=5,
                                            socket_connect_timeout=2,
                                            retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0))
-        self.reader_client = redis.Redis.from_url(redis_url, decode_responses=True,
-                                                  encoding_errors="replace",
+        self.reader_client = redis.Redis.from_url(redis_url, decode_responses=False,
                                                   socket_timeout=READ_BLOCK_MS / 1000 + 5)
         self.send = _Sender(self.client)
         self.name = f"locust-{os.getpid()}"
@@ -143,14 +148,22 @@ class Plane:
         self.gen_bad = Malformed(spec("malformed", bad_fraction=1.0), base + 3, ctx, self.rng)
         self.bad = 0
         self.view = MarketView()
-        self.view_at = 0.0
+        self.mirror_wanted = False  # a close burst used the view since the last read
         self.waiting: dict[str, Waiter] = {}
+        self.due: list[tuple[SubmitPlan, dict[str, Any]]] = []  # for the sender, in order
+        self.has_due = gevent.event.Event()
         self.sent = self.decided = self.timeouts = self.send_failures = 0
+        self.batches = 0
         # Where the reader starts: the stream's last entry *before* the first plan is sent.
         last = self.reader_client.xrevrange(self.keys.events, "+", "-", count=1)
-        self.last_id = last[0][0] if last else "0-0"
+        self.last_id: bytes = last[0][0] if last else b"0-0"
         self.running = True
-        self.greenlets = [gevent.spawn(self._read), gevent.spawn(self._expire)]
+        self.greenlets = {"reader": gevent.spawn(self._read),
+                          "sender": gevent.spawn(self._send_loop),
+                          "expirer": gevent.spawn(self._expire)}
+        if "close" in self.tasks:
+            self._read_mirror()
+            self.greenlets["mirror"] = gevent.spawn(self._follow_mirror)
 
     # -- one task: a slot of the schedule -----------------------------------------------
     def step(self) -> None:
@@ -166,7 +179,8 @@ class Plane:
             self.bad += 1
             ems = [self.gen_bad.breach(way, now_ms)]
         else:
-            ems = self.gen_close.next("burst", now_ms, self._mirror())
+            self.mirror_wanted = True
+            ems = self.gen_close.next("burst", now_ms, self.view)
             if len(ems) > 1:
                 self.pacer.claim(len(ems) - 1)  # the rate counts plans, not bursts
         _sleep_until(at)
@@ -174,13 +188,43 @@ class Plane:
             if isinstance(em, SubmitPlan):
                 scheduled = at + em.delay_ms / 1000.0
                 _sleep_until(scheduled)
-                self._submit(em, scheduled, kind)
+                self._enqueue(em, scheduled, kind)
 
-    def _mirror(self) -> MarketView:
-        """The ``P:position:*`` mirror, read at most every MIRROR_TTL_S per process."""
-        now = time.monotonic()
-        if now - self.view_at < MIRROR_TTL_S:
-            return self.view
+    def _enqueue(self, em: SubmitPlan, scheduled: float, kind: str) -> None:
+        """Hand a plan that is due to the sender. No I/O and no greenlet switch here: a
+        user killed by Locust (the end of the load) never leaves a plan half-handed."""
+        action = str(em.fields.get("action", "OPEN"))
+        if action not in ("OPEN", "CLOSE"):
+            action = "OPEN"  # a malformed OPEN (unknown_action)
+        self.waiting[em.key] = Waiter(scheduled, action)
+        self.sent += 1
+        self.due.append((em, {"workload": f"loadtest-{kind}"}))
+        self.has_due.set()
+
+    # -- the sender: what came due, in one pipeline ----------------------------------------
+    def _send_loop(self) -> None:
+        """Send the plans that came due, oldest first, at most MAX_BATCH per round trip.
+        While one pipeline is out, the plans coming due meanwhile wait for the next one
+        (their latency still runs from their scheduled time): one round trip and two
+        history writes per batch instead of per plan."""
+        while self.running or self.due:
+            if not self.due:
+                self.has_due.clear()
+                self.has_due.wait(timeout=0.2)
+                continue
+            batch, self.due = self.due[:MAX_BATCH], self.due[MAX_BATCH:]
+            self.batches += 1
+            replies = submit_plans(self.send, self.hist, self.keys.plans, batch)
+            for (em, _extra), reply in zip(batch, replies, strict=True):
+                if isinstance(reply, NotSent):
+                    w = self.waiting.pop(em.key, None)
+                    if w is not None:
+                        self.send_failures += 1
+                        self._fire(w.action, "XADD", w.scheduled, SendFailed(str(reply)))
+                # Unknown: it may have been added, so its decision may still come.
+
+    def _read_mirror(self) -> None:
+        """The ``P:position:*`` mirror the duplicate closes pick their symbols from."""
         try:
             pipe = self.client.pipeline(transaction=False)
             for s in self.symbols:
@@ -188,39 +232,21 @@ class Plane:
             hashes = pipe.execute()
             self.view = MarketView(positions={s: h for s, h in zip(self.symbols, hashes,
                                                                    strict=True) if h})
-            self.view_at = now
         except (redis.RedisError, OSError) as exc:
             log.debug("mirror read failed: %s", exc)
-        return self.view
 
-    def _submit(self, em: SubmitPlan, scheduled: float, kind: str) -> None:
-        action = str(em.fields.get("action", "OPEN"))
-        if action not in ("OPEN", "CLOSE"):
-            action = "OPEN"  # a malformed OPEN (unknown_action)
-        self.waiting[em.key] = Waiter(scheduled, action)
-        self.sent += 1
-        self.hist.invoke(F.SUBMIT, key=em.key, symbol=em.symbol, plan=_jsonable(em.fields),
-                         workload=f"loadtest-{kind}", **em.meta)
-        args: list[Any] = ["XADD", self.keys.plans, "*"]
-        for k, v in em.fields.items():
-            args += (k, v)
-        try:
-            entry_id = self.send(*args)
-        except NotSent as exc:
-            self.hist.fail(F.SUBMIT, key=em.key, symbol=em.symbol, error=str(exc))
-            if self.waiting.pop(em.key, None) is not None:
-                self.send_failures += 1
-                self._fire(action, "XADD", scheduled, SendFailed(str(exc)))
-            return
-        except GreenletExit:  # Locust stops its users by killing them, maybe mid-XADD
-            self.waiting.pop(em.key, None)
-            self.hist.info(F.SUBMIT, key=em.key, symbol=em.symbol,
-                           error="stopped during XADD (the load test ended)")
-            raise
-        except Unknown as exc:  # may have been added: its decision may still come
-            self.hist.info(F.SUBMIT, key=em.key, symbol=em.symbol, error=str(exc))
-            return
-        self.hist.ok(F.SUBMIT, key=em.key, symbol=em.symbol, entry_id=_text(entry_id))
+    def _follow_mirror(self) -> None:
+        """Reread the mirror apart from the users, so that a user never waits on a read
+        (that wait would count in its plan's latency): every MIRROR_TTL_S while duplicate
+        closes use it, not at all while none does, so a shared Redis gets at most one read
+        per close burst and 1/MIRROR_TTL_S per second. A burst picks from the last read:
+        at most MIRROR_TTL_S old under load, as old as the previous burst when they are
+        rare."""
+        while self.running:
+            gevent.sleep(MIRROR_TTL_S)
+            if self.mirror_wanted:
+                self.mirror_wanted = False
+                self._read_mirror()
 
     # -- completing -----------------------------------------------------------------------
     def _fire(self, action: str, name: str, scheduled: float,
@@ -231,10 +257,12 @@ class Plane:
                                      response_length=0, exception=exc, context={})
 
     def _read(self) -> None:
-        """The process's one reader of the events stream."""
+        """The process's one reader of the events stream (bytes: only the plan id, the
+        decision and a BLOCK's reason are decoded)."""
+        events, waiting = self.keys.events, self.waiting
         while self.running:
             try:
-                resp = self.reader_client.xread({self.keys.events: self.last_id}, count=1000,
+                resp = self.reader_client.xread({events: self.last_id}, count=READ_COUNT,
                                                 block=READ_BLOCK_MS)
             except (redis.RedisError, OSError) as exc:
                 if self.running:
@@ -242,18 +270,21 @@ class Plane:
                     gevent.sleep(0.1)
                 continue
             for _stream, entries in resp or ():
-                for entry_id, fields in entries:
-                    self.last_id = entry_id
-                    decision = fields.get("decision")
+                for _entry_id, fields in entries:
+                    decision = fields.get(b"decision")
                     if decision not in DECISIONS:
                         continue  # informational entries
-                    w = self.waiting.pop(fields.get("plan_id", ""), None)
+                    w = waiting.pop(fields.get(b"plan_id", b"").decode("utf-8", "replace"),
+                                    None)
                     if w is None:
                         continue  # another process's plan, or a rotation plan
                     self.decided += 1
-                    name = "PERMIT" if decision == "PERMIT" else \
-                        f"BLOCK {fields.get('reason') or '?'}"
+                    name = "PERMIT" if decision == b"PERMIT" else \
+                        f"BLOCK {(fields.get(b'reason') or b'?').decode('utf-8', 'replace')}"
                     self._fire(w.action, name, w.scheduled)
+                # After the batch: a reader stopped half-way (Ctrl-C) is replaced by one
+                # that reads the batch again (the plans it completed are no longer waiting).
+                self.last_id = entries[-1][0]
 
     def _expire(self) -> None:
         while self.running:
@@ -273,10 +304,11 @@ class Plane:
     def drain(self, timeout: float) -> None:
         """At the end: wait (bounded) for the decisions of what was sent, then fail the
         rest."""
-        # A Ctrl-C lands in whichever greenlet runs at that instant: if it was the reader,
-        # a new one finishes its job.
-        if self.greenlets[0].dead:
-            self.greenlets[0] = gevent.spawn(self._read)
+        # A Ctrl-C lands in whichever greenlet runs at that instant: if it was the reader
+        # or the sender, a new one finishes its job (the plans already due are still sent).
+        for name, run in (("reader", self._read), ("sender", self._send_loop)):
+            if self.greenlets[name].dead:
+                self.greenlets[name] = gevent.spawn(run)
         deadline = time.monotonic() + timeout
         while self.waiting and time.monotonic() < deadline:
             gevent.sleep(0.05)
@@ -284,8 +316,9 @@ class Plane:
 
     def close(self) -> None:
         self.running = False
-        gevent.joinall(self.greenlets, timeout=READ_BLOCK_MS / 1000 + 1)
-        gevent.killall(self.greenlets, timeout=1)
+        self.has_due.set()
+        gevent.joinall(list(self.greenlets.values()), timeout=READ_BLOCK_MS / 1000 + 1)
+        gevent.killall(list(self.greenlets.values()), timeout=1)
         self.hist.close()
         for c in (self.client, self.reader_client):
             try:
@@ -297,6 +330,7 @@ class Plane:
         elapsed = time.perf_counter() - self.pacer.t0 if self.pacer.t0 is not None else 0.0
         return {"sent": self.sent, "decided": self.decided, "timeouts": self.timeouts,
                 "send_failures": self.send_failures, "waiting": len(self.waiting),
+                "batches": self.batches,
                 "slots": self.pacer.k, "slots_due": int(elapsed / self.pacer.interval)}
 
 
@@ -311,9 +345,10 @@ PLANE: Plane | None = None
 
 
 class GovernorUser(User):
-    """One sender of the process's schedule: each task run is one slot (or a
-    duplicate-close burst of three). The process's ``--rate`` is shared by its users, so
-    more users only help when one cannot keep up (a slow XADD)."""
+    """One producer of the process's schedule: each task run is one slot (or a
+    duplicate-close burst of three), handed to the process's sender when due. The
+    process's ``--rate`` is shared by its users, so more users only help when one cannot
+    keep up (a burst's spread, a late wake-up)."""
 
     def wait_time(self) -> float:
         return 0.0

@@ -35,7 +35,9 @@ from typing import IO, Any
 
 from chaos import reaper
 from chaos import scenario as scn
+from chaos.exchange import Exchange
 from chaos.history import F
+from chaos.recorder import StreamRecorder
 from chaos.runner import HarnessError, Run, RunOptions, RunResult, _link_latest, default_run_dir
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,9 @@ ROOT = Path("reports") / "loadtests"
 READY_TIMEOUT_S = 90.0  # Redis and the governors starting on a busy machine
 STOP_TIMEOUT_S = 120.0  # settle + teardown + the checkers
 SETTLE_S = 10.0  # what the governors get to decide the plans still in flight at the end
+# What needs the ledger (what executed): not judged when the system under test has its own
+# executor (--own-executor). fresh_intent, one_decision and protocol need only the streams.
+LEDGER_CHECKS = ("slots", "one_position_per_symbol", "single_close", "capital")
 MODEL_TIMEOUT_S = 2.0  # the sequential-model check's budget (as ``chaos suite --quick``)
 STAGING_URL_ENV = "LOADTEST_REDIS_URL"  # in the environment: a password never shows in ps
 
@@ -64,12 +69,13 @@ class LoadWorld(Run):
 
     def __init__(self, opts: RunOptions, settings: dict[str, Any], *,
                  redis_url: str | None = None, prefix: str | None = None,
-                 external_governor: bool = False) -> None:
+                 external_governor: bool = False, own_executor: bool = False) -> None:
         super().__init__(opts)
         self.settings = settings
         self.staging_url = redis_url
         self.staging_prefix = prefix
         self.external_governor = external_governor
+        self.own_executor = own_executor
 
     def write_inputs(self) -> None:
         """Beside an external governor, write only the inputs its deployer did not (never
@@ -110,6 +116,20 @@ class LoadWorld(Run):
               allocation_pct=m.allocation_pct, symbols=symbols)
         self.write_meta(governor_config=cfg, symbols=symbols, external_governor=True)
 
+    def start_exchange(self) -> None:
+        """With ``own_executor`` the system under test executes its permits itself: no
+        apply layer and no exchange run here, only the recorder (the plans, decisions and
+        results on the streams go into the history). The ledger stays empty (created, so
+        that the run directory has its usual form): what executed is not known here, and
+        the checks that need it are skipped (:data:`LEDGER_CHECKS`)."""
+        if not self.own_executor:
+            super().start_exchange()
+            return
+        assert self.keys is not None
+        self.exchange = Exchange.create(self.run_dir / "ledger.sqlite",
+                                        capital=self.sc.market.capital)
+        self.recorder = StreamRecorder(self.raw_admin, self.keys, self.writer("recorder")).start()
+
     def start_governors(self) -> None:
         if self.external_governor:
             return  # it already serves on the prefix
@@ -139,8 +159,9 @@ class LoadWorld(Run):
         super().prepare()
         # A load test has no scenario: its coverage is judged by the load-test rule.
         self.meta.pop("scenario_spec", None)
+        skipped = ["liveness", *(LEDGER_CHECKS if self.own_executor else ())]
         self.write_meta(kind="loadtest", scenario="loadtest", loadtest=self.settings,
-                        checks_skipped=["liveness"])
+                        checks_skipped=skipped, own_executor=self.own_executor)
 
     def start(self) -> None:
         self.phases = self.writer("runner")
@@ -193,7 +214,8 @@ def serve(args: argparse.Namespace) -> int:
                       governor=args.governor, governor_cmd=args.governor_cmd or None,
                       out=run_dir, progress=False, probe=False)
     world = LoadWorld(opts, settings, redis_url=os.environ.get(STAGING_URL_ENV) or None,
-                      prefix=args.prefix or None, external_governor=args.external_governor)
+                      prefix=args.prefix or None, external_governor=args.external_governor,
+                      own_executor=args.own_executor)
     stop = _Stop()
 
     def on_signal(signum: int, frame: object) -> None:
@@ -248,6 +270,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--prefix", default=None, help="with $LOADTEST_REDIS_URL: the key prefix")
     p.add_argument("--external-governor", action="store_true",
                    help="a governor already serves on --prefix: start none")
+    p.add_argument("--own-executor", action="store_true",
+                   help="the system executes its permits itself: start no apply layer, "
+                        "no exchange")
     p.add_argument("--settings", default=None, help="JSON for run.json's loadtest field")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
