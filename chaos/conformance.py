@@ -184,6 +184,7 @@ class CaseRun:
                                             | case.config)
         self.exchange = Exchange.create(case_dir / "ledger.sqlite", capital=case.capital)
         self.sent: dict[str, str] = {}  # plan id -> entry id of its latest add
+        self.described: dict[str, str] = {}  # plan id -> "OPEN C01USDT 100"
         self.own_plans: set[str] = set()  # entry ids the harness added to the plan stream
         self.events: list[tuple[str, dict[str, str]]] = []
         self._cursor = "0-0"
@@ -262,6 +263,8 @@ class CaseRun:
             f["notional"] = str(fields.pop("notional", "100"))
         f.update({n: str(v) for n, v in fields.items()})
         self.add(f)
+        self.described[pid] = f"{action} {symbol}" + (f" {f['notional']}" if action == "OPEN"
+                                                       else "")
         return pid
 
     def add(self, fields: dict[Any, Any]) -> str:
@@ -316,7 +319,9 @@ class CaseRun:
     def expect_permit(self, pid: str) -> dict[str, str]:
         d = self.decision(pid)
         if d is None or d.get("decision") != "PERMIT":
-            raise CaseFailed(f"PERMIT for {pid}", _show(d) if d else self._no_decision())
+            what = self.described.get(pid, "")
+            raise CaseFailed(f"PERMIT of {pid} ({what}: no gate applies)" if what
+                             else f"PERMIT of {pid}", _show(d) if d else self._no_decision())
         return d
 
     def expect_block(self, pid: str, reason: str, *, strict: bool = False,
@@ -523,12 +528,12 @@ class CaseRun:
         then a marker plan decided, then drained again."""
         deadline = time.monotonic() + 3.0
         while not group_drained(self.r, self.keys.plans, GROUP_GOVERNOR) and \
-                time.monotonic() < deadline:
+                time.monotonic() < deadline and not self.exited():
             time.sleep(0.01)
         marker = self.plan("CLOSE", MARKER_SYMBOL)
         self.decision(marker)
         while not group_drained(self.r, self.keys.plans, GROUP_GOVERNOR) and \
-                time.monotonic() < deadline + 2.0:
+                time.monotonic() < deadline + 2.0 and not self.exited():
             time.sleep(0.01)
         time.sleep(0.1)
         self.poll(0)
@@ -876,6 +881,9 @@ def _no_plan_id(c: CaseRun) -> str:
     except redis.ResponseError:
         pending = set()
     left = [e for e in entries if e in pending]
+    if left and c.exited():
+        raise CaseFailed("plans without a usable plan_id acknowledged, the governor serving",
+                         c.exited() or "")
     if left:
         raise CaseFailed("plans without a usable plan_id acknowledged",
                          f"{len(left)} of {len(entries)} still pending")
@@ -890,6 +898,8 @@ def _no_plan_id(c: CaseRun) -> str:
 def _takeover(c: CaseRun) -> str:
     first = c.plan("OPEN", SYMBOLS[0])
     c.expect_permit(first)
+    if not c.acked(first):  # killed only once it is done with the plan: no race here
+        raise CaseFailed(f"the plan entry of {first} acknowledged", "still pending")
     c.sup.stop_instance(CONSUMER, timeout=2.0, sig=signal.SIGKILL)
     held = c.plan("OPEN", SYMBOLS[1])
     queued = c.plan("OPEN", SYMBOLS[2])
@@ -1084,7 +1094,10 @@ class Session:
         if not cases:
             return []
         results: list[CaseResult] = []
-        current = self.prepare(cases[0])
+        try:
+            current = self.prepare(cases[0])
+        except GovernorStartError as exc:
+            raise ConformanceStartError(str(exc)) from None
         try:
             current.sup.wait_ready(timeout=30)
         except GovernorStartError as exc:
@@ -1096,6 +1109,9 @@ class Session:
                 if i + 1 < len(cases):
                     following = self.prepare(cases[i + 1])
                 res = self.finish(current)
+            except GovernorStartError as exc:  # the command vanished between two cases
+                current.stop()
+                raise ConformanceStartError(str(exc)) from None
             except BaseException:
                 current.stop()
                 if following is not None:
@@ -1186,7 +1202,7 @@ class Report:
 
 
 def run_conformance(spec: GovernorSpec, *, cases: list[Case] | None = None,
-                    logs: Path | None = None,
+                    logs: Path | None = None, label: str | None = None,
                     on_result: Callable[[CaseResult], None] | None = None) -> Report:
     """Run the cases against ``spec``. Governor logs go to ``logs`` (default: a temp dir,
     removed when every case passed, kept and named in the results otherwise)."""
@@ -1199,7 +1215,7 @@ def run_conformance(spec: GovernorSpec, *, cases: list[Case] | None = None,
             results = session.run_all(list(cases if cases is not None else CASES), on_result)
             version = session.redis_version
         keep = any(r.status == FAIL for r in results)
-        return Report(spec.display(), results, time.monotonic() - t0, version)
+        return Report(label or spec.display(), results, time.monotonic() - t0, version)
     finally:
         if temp and not keep:
             shutil.rmtree(logs_dir, ignore_errors=True)
