@@ -1019,6 +1019,7 @@ class Session:
         self.server: EmbeddedRedis | None = None
         self._stoppers: list[threading.Thread] = []
         self._index = 0
+        self._ready_once = False
         self.redis_version = ""
 
     def __enter__(self) -> Session:
@@ -1084,8 +1085,23 @@ class Session:
         return res
 
     def run_case(self, case: Case) -> CaseResult:
-        run = self.prepare(case)
-        return self.finish(run, background_stop=False)
+        """One case on its own (the pytest plugin's items). The session's first instance
+        must become ready, else :class:`ConformanceStartError`."""
+        try:
+            run = self.prepare(case)
+        except GovernorStartError as exc:
+            raise ConformanceStartError(str(exc)) from None
+        if not self._ready_once:
+            self._await_ready(run)
+        return self.finish(run)
+
+    def _await_ready(self, run: CaseRun) -> None:
+        try:
+            run.sup.wait_ready(timeout=30)
+        except GovernorStartError as exc:
+            run.stop()
+            raise ConformanceStartError(str(exc)) from None
+        self._ready_once = True
 
     def run_all(self, cases: list[Case],
                 on_result: Callable[[CaseResult], None] | None = None) -> list[CaseResult]:
@@ -1098,11 +1114,7 @@ class Session:
             current = self.prepare(cases[0])
         except GovernorStartError as exc:
             raise ConformanceStartError(str(exc)) from None
-        try:
-            current.sup.wait_ready(timeout=30)
-        except GovernorStartError as exc:
-            current.stop()
-            raise ConformanceStartError(str(exc)) from None
+        self._await_ready(current)
         for i, _case in enumerate(cases):
             following: CaseRun | None = None
             try:
