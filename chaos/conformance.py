@@ -1233,13 +1233,16 @@ def run_conformance(spec: GovernorSpec, *, cases: list[Case] | None = None,
     temp = logs is None
     logs_dir = Path(tempfile.mkdtemp(prefix="chaos-conformance-")) if temp else Path(logs)
     t0 = time.monotonic()
-    keep = True
+    keep = False  # the logs are worth keeping when a message points at them
     try:
         with Session(spec, logs_dir) as session:
             results = session.run_all(list(cases if cases is not None else CASES), on_result)
             version = session.redis_version
         keep = any(r.status == FAIL for r in results)
         return Report(label or spec.display(), results, time.monotonic() - t0, version)
+    except ConformanceStartError:
+        keep = True
+        raise
     finally:
         if temp and not keep:
             shutil.rmtree(logs_dir, ignore_errors=True)
