@@ -193,6 +193,7 @@ class CaseRun:
         # that never answers is not waited for 15 s in every case.
         self.first_timeout = FIRST_DECISION_S
         self.own_reasons: list[str] = []
+        self.last_seen = ""  # the last BLOCK checked, for a PASS line that says nothing else
         self.notes: list[str] = []
         self._notif: list[tuple[str, str]] = []
         self._seq = 0
@@ -344,6 +345,10 @@ class CaseRun:
             if strict or got in CANONICAL_REASONS or not got:
                 raise CaseFailed(expected, f"BLOCK {got or '(empty reason)'} for {pid}")
             self.own_reasons.append(f"blocked with its own reason {got!r}, not {reason!r}")
+        if pid in self.sent and not self.acked(pid):
+            raise CaseFailed(f"{expected}, its plan entry acknowledged",
+                             f"BLOCK {got}, entry still pending after {ACK_S:g} s")
+        self.last_seen = f"BLOCK {got}, acked"
         return d
 
     def check_event(self, d: dict[str, str], pid: str, symbol: str, action: str,
@@ -1071,7 +1076,7 @@ class Session:
                          log=str(run.sup.log_path(CONSUMER)))
         try:
             observed = case.body(run)
-            res.observed = observed or ""
+            res.observed = observed or run.last_seen
             if run.own_reasons:
                 res.status, res.expected = NOT_PRESENT, "the canonical block reason"
                 res.observed = "; ".join(dict.fromkeys(run.own_reasons))
