@@ -194,7 +194,6 @@ class CaseRun:
         self.first_timeout = FIRST_DECISION_S
         self.own_reasons: list[str] = []
         self.last_seen = ""  # the last BLOCK checked, for a PASS line that says nothing else
-        self.notes: list[str] = []
         self._notif: list[tuple[str, str]] = []
         self._seq = 0
         self.pubsub = self.r.pubsub()

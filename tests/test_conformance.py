@@ -46,10 +46,10 @@ def _governor_children() -> list[psutil.Process]:
     return out
 
 
-def _run(governor: str | None = None, cmd: str | None = None,
+def _run(logs: Path, governor: str | None = None, cmd: str | None = None,
          cases: list[str] | None = None) -> cf.Report:
     spec = governor_spec(governor or "reference", cmd)
-    report = cf.run_conformance(spec, cases=cf.select(cases))
+    report = cf.run_conformance(spec, cases=cf.select(cases), logs=logs)
     assert not _governor_children(), "governor processes left running"
     return report
 
@@ -76,14 +76,14 @@ def _check_failures(results: dict[str, cf.CaseResult], expected: set[str]) -> No
     assert results["close_stale_position_id"].status == cf.NOT_PRESENT
 
 
-def test_seed_fails_its_documented_departures() -> None:
-    report = _run("seed")
+def test_seed_fails_its_documented_departures(tmp_path: Path) -> None:
+    report = _run(tmp_path, "seed")
     assert not report.passed
     _check_failures(_by_name(report), SEED_FAILS)
 
 
-def test_a_governor_that_blocks_everything() -> None:
-    report = _run(cmd=f"python {GOVERNORS / 'block_all_governor.py'}",
+def test_a_governor_that_blocks_everything(tmp_path: Path) -> None:
+    report = _run(tmp_path, cmd=f"python {GOVERNORS / 'block_all_governor.py'}",
                   cases=["open_permit", "intent_stale", "invalid_missing_fields"])
     r = _by_name(report)
     assert r["open_permit"].status == cf.FAIL
@@ -97,8 +97,8 @@ def test_a_governor_that_blocks_everything() -> None:
 
 
 @pytest.mark.parametrize("governor", ["utf8_only_governor.py", "poison_governor.py"])
-def test_governors_dying_on_non_utf8_fail_that_case(governor: str) -> None:
-    report = _run(cmd=f"python {GOVERNORS / governor}",
+def test_governors_dying_on_non_utf8_fail_that_case(governor: str, tmp_path: Path) -> None:
+    report = _run(tmp_path, cmd=f"python {GOVERNORS / governor}",
                   cases=["invalid_bad_values", "invalid_non_utf8", "no_open_position"])
     r = _by_name(report)
     assert r["invalid_non_utf8"].status == cf.FAIL
@@ -138,8 +138,8 @@ def test_cli_exit_codes_json_and_junit(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("cmd", ["/nonexistent/governor", "python -c 'raise SystemExit(3)'"])
-def test_a_governor_that_never_starts_is_255_not_a_failure(cmd: str) -> None:
-    p = _chaos("conformance", "--governor-cmd", cmd, timeout=60)
+def test_a_governor_that_never_starts_is_255_not_a_failure(cmd: str, tmp_path: Path) -> None:
+    p = _chaos("conformance", "--governor-cmd", cmd, "--logs", str(tmp_path), timeout=60)
     assert p.returncode == 255, p.stdout + p.stderr
     assert "governor command does not start" in p.stderr
     assert "FAIL" not in p.stdout
