@@ -381,7 +381,8 @@ def _suite(args: argparse.Namespace) -> int:
     if args.conformance:
         code = _conformance_run("suite", args.governor, args.governor_cmd, None,
                                 json_path=out / "conformance.json",
-                                junit_path=out / "conformance-junit.xml")
+                                junit_path=out / "conformance-junit.xml",
+                                logs=out / "conformance-logs")
         if code != EXIT_VALID:
             if code == EXIT_INVALID:
                 print("chaos suite: the governor breaks the protocol in the cases above; the "

@@ -158,6 +158,7 @@ def test_suite_stops_when_legacy_fails_its_documented_departures(tmp_path: Path)
     assert data["passed"] is False and data["governor"] == "legacy"
     _check_failures({c["name"]: cf.CaseResult(**c) for c in data["cases"]}, LEGACY_FAILS)
     assert (out / "conformance-junit.xml").is_file()
+    assert (out / "conformance-logs" / "01-start_stream_absent" / "gov-1.log").is_file()
     assert not (out / "open-storm").exists() and not (out / "summary.json").exists()
 
 
