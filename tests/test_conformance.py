@@ -135,6 +135,9 @@ def test_cli_exit_codes_json_and_junit(tmp_path: Path) -> None:
 
     p = _chaos("conformance", "--case", "no_such_case")
     assert p.returncode == 254 and "unknown conformance case(s): no_such_case" in p.stderr
+    p = _chaos("conformance", "--list")
+    assert p.returncode == 0
+    assert [line.split()[0] for line in p.stdout.splitlines()] == cf.case_names()
 
 
 @pytest.mark.parametrize("cmd", ["/nonexistent/governor", "python -c 'raise SystemExit(3)'"])
