@@ -70,6 +70,20 @@ def _parser() -> argparse.ArgumentParser:
     suite.add_argument("--redis", choices=["embedded", "docker", "url"], default=None)
     suite.add_argument("--redis-url")
     suite.add_argument("--out", type=Path, help="suite directory")
+    suite.add_argument("--conformance", action="store_true",
+                       help="run `chaos conformance` first; stop (exit 1) if a case fails")
+    conf = sub.add_parser("conformance", help="protocol cases against one governor (seconds): "
+                          "PASS / FAIL / NOT PRESENT per case; exit 0 only if none fails")
+    gcf = conf.add_mutually_exclusive_group()
+    gcf.add_argument("--governor", default="reference", choices=["reference", "seed", "legacy"])
+    gcf.add_argument("--governor-cmd", metavar="CMD", help="any governor speaking the protocol")
+    conf.add_argument("--case", action="append", dest="cases", metavar="NAME",
+                      help="only these cases (repeatable; see --list)")
+    conf.add_argument("--list", action="store_true", help="list the cases and exit")
+    conf.add_argument("--json", type=Path, metavar="PATH", help="write the results as JSON")
+    conf.add_argument("--junit", type=Path, metavar="PATH", help="write JUnit XML")
+    conf.add_argument("--logs", type=Path, metavar="DIR", help="keep each case's governor log "
+                      "here (default: a temp dir, kept only when a case fails)")
     imp = sub.add_parser("import", help="import what a production Redis recorded (streams, "
                          "position mirror, inputs) as a run directory, and check it")
     src = imp.add_mutually_exclusive_group(required=True)
@@ -173,6 +187,8 @@ def _main(args: argparse.Namespace) -> int:
             return _report(args.run_dir)
         if args.command == "suite":
             return _suite(args)
+        if args.command == "conformance":
+            return _conformance(args)
         if args.command == "import":
             return _import(args)
         if args.command == "notebook":
@@ -376,6 +392,18 @@ def _suite(args: argparse.Namespace) -> int:
     if redis_kind == "url" and (why := _reach(args.redis_url)):
         print(f"chaos suite: {why}", file=sys.stderr)
         return EXIT_HARNESS
+    if args.conformance:
+        code = _conformance_run("suite", args.governor, args.governor_cmd, None,
+                                json_path=out / "conformance.json",
+                                junit_path=out / "conformance-junit.xml",
+                                logs=out / "conformance-logs")
+        if code != EXIT_VALID:
+            if code == EXIT_INVALID:
+                print("chaos suite: the governor breaks the protocol in the cases above; the "
+                      "chaos scenarios were not run (fix these first: `chaos conformance`)",
+                      file=sys.stderr)
+            return code
+        print()
     print(HEADER)
     try:
         valid, _ = run_suite(out, governor=args.governor, governor_cmd=args.governor_cmd,
@@ -392,6 +420,54 @@ def _suite(args: argparse.Namespace) -> int:
     word = {True: "VALID", False: "INVALID", None: "UNKNOWN"}[valid]
     print(f"\nsuite verdict: {word}; summary in {out}/summary.md")
     return EXIT_VALID if valid is True else (EXIT_INVALID if valid is False else EXIT_UNKNOWN)
+
+
+def _conformance(args: argparse.Namespace) -> int:
+    from chaos import conformance as cf
+
+    if args.list:
+        for c in cf.CASES:
+            print(f"{c.name:<28} {'required' if c.required else 'optional':<9} {c.title}")
+        return EXIT_VALID
+    if args.governor_cmd is not None and not args.governor_cmd.strip():
+        print("chaos conformance: --governor-cmd: must not be empty", file=sys.stderr)
+        return EXIT_BAD_ARGS
+    try:
+        cases = cf.select(args.cases)
+    except ValueError as exc:
+        print(f"chaos conformance: {exc}", file=sys.stderr)
+        return EXIT_BAD_ARGS
+    return _conformance_run("conformance", args.governor, args.governor_cmd, cases,
+                            json_path=args.json, junit_path=args.junit, logs=args.logs)
+
+
+def _conformance_run(command: str, governor: str, governor_cmd: str | None,
+                     cases: list[Any] | None, *, json_path: Path | None = None,
+                     junit_path: Path | None = None, logs: Path | None = None) -> int:
+    """Run the conformance cases, one line each; 0 none failed, 1 some failed, 255 the
+    governor never started (as ``chaos run``)."""
+    from chaos import conformance as cf
+    from chaos.redis_servers import RedisProviderError
+    from chaos.runner import governor_spec
+
+    spec = governor_spec(governor, governor_cmd)
+    label = f"cmd:{governor_cmd}" if governor_cmd else governor
+    print(f"conformance of {label} to docs/protocol.md:", flush=True)
+    try:
+        report = cf.run_conformance(spec, cases=cases, logs=logs, label=label,
+                                    on_result=lambda r: print(r.line(), flush=True))
+    except cf.ConformanceStartError as exc:
+        print(f"chaos {command}: {exc}", file=sys.stderr)
+        return EXIT_HARNESS
+    except RedisProviderError as exc:
+        print(f"chaos {command}: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_HARNESS
+    print(report.summary())
+    for path, write in ((json_path, report.write_json), (junit_path, report.write_junit)):
+        if path is not None:
+            write(path)
+            print(f"written {path}")
+    return EXIT_VALID if report.passed else EXIT_INVALID
 
 
 def _import(args: argparse.Namespace) -> int:

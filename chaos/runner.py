@@ -87,6 +87,18 @@ class HarnessError(RuntimeError):
     """The harness itself could not do its job (exit 255), e.g. a governor that never starts."""
 
 
+def governor_spec(governor: str = "reference", governor_cmd: str | None = None) -> GovernorSpec:
+    """How to start the governor under test: ``governor_cmd`` as given, or a governor
+    shipped with the project (``reference``, ``seed``, ``legacy``). ScenarioError (exit
+    254) for an unknown name."""
+    if governor_cmd:
+        return GovernorSpec(governor_cmd)
+    if governor not in VARIANTS:
+        raise scn.ScenarioError(f"--governor must be one of {', '.join(VARIANTS)} "
+                                f"(or use --governor-cmd)")
+    return GovernorSpec("python -m governor_ref run", env={"GOVERNOR_VARIANT": governor})
+
+
 @dataclass(frozen=True)
 class RunOptions:
     scenario: scn.Scenario
@@ -100,12 +112,7 @@ class RunOptions:
     probe_max_wait_s: float = 120.0
 
     def governor_spec(self) -> GovernorSpec:
-        if self.governor_cmd:
-            return GovernorSpec(self.governor_cmd)
-        if self.governor not in VARIANTS:
-            raise scn.ScenarioError(f"--governor must be one of {', '.join(VARIANTS)} "
-                                    f"(or use --governor-cmd)")
-        return GovernorSpec("python -m governor_ref run", env={"GOVERNOR_VARIANT": self.governor})
+        return governor_spec(self.governor, self.governor_cmd)
 
     @property
     def governor_label(self) -> str:

@@ -140,58 +140,78 @@ def _run_all(out_dir: Path, outcomes: list[ScenarioOutcome], reports: _ReportWri
              governor: str, governor_cmd: str | None, quick: bool, seeds: int,
              first_seed: int | None, names: list[str] | None, progress: bool,
              redis_kind: str | None, redis_url: str | None) -> None:
-    for sc in suite_scenarios(names):
-        for k in range(seeds):
-            base = sc.seed if first_seed is None else first_seed
-            s = sc.with_overrides(seed=base + k,
-                                  duration_s=min(sc.duration_s, QUICK_DURATION_S) if quick
-                                  else None)
-            run_dir = out_dir / (s.name if seeds == 1 and first_seed is None
-                                 else f"{s.name}-seed{s.seed}")
-            t0 = time.monotonic()
-            oc = ScenarioOutcome(s.name, s.seed, run_dir, None)
-            try:
-                res = run(RunOptions(scenario=s, governor=governor, governor_cmd=governor_cmd,
-                                     out=run_dir, progress=False, redis_kind=redis_kind,
-                                     redis_url=redis_url,
-                                     probe_max_wait_s=30.0 if quick else 120.0))
-                if res.status == "interrupted":
-                    raise _ScenarioInterrupted
-                v: Verdict = check_run(res.run_dir, model_timeout_s=QUICK_MODEL_TIMEOUT_S
-                                       if quick else MODEL_TIMEOUT_S)
-                oc.valid = v.valid if res.status == "complete" else None
-                for name, r in v.results.items():
-                    if r.violations:
-                        oc.violations[name] = len(r.violations)
-                first = v.to_dict()["time_to_first_violation_s"]
-                if first is not None:
-                    oc.first_violation_s = round(first, 2)
-                oc.messages = [x.message for x in v.violations[:3]]
-                oc.coverage = dict(v.coverage)
-                if oc.valid is None:
-                    oc.unknown_because = _unknown_because(v, res.status)
-                if oc.valid is not True:  # reports where there is something to look at
-                    reports.submit(res.run_dir, v)
-            except KeyboardInterrupt:
-                # In the run (which tore itself down) or around it: its row is unknown, and
-                # the suite stops (run_suite writes the summary).
-                oc.valid, oc.violations, oc.first_violation_s = None, {}, None
-                oc.interrupted = True
-                oc.seconds = time.monotonic() - t0
-                outcomes.append(oc)
-                if progress:
-                    print(_row(oc), flush=True)
-                raise
-            except HarnessError as exc:
-                oc.error = str(exc)
-                raise
-            except Exception as exc:  # noqa: BLE001 - one broken scenario must not stop the suite
-                log.exception("scenario %s failed in the harness", s.name)
-                oc.error = f"{type(exc).__name__}: {exc}"
+    for s in scenario_runs(names, quick=quick, seeds=seeds, first_seed=first_seed):
+        run_dir = out_dir / (s.name if seeds == 1 and first_seed is None
+                             else f"{s.name}-seed{s.seed}")
+        t0 = time.monotonic()
+        oc = ScenarioOutcome(s.name, s.seed, run_dir, None)
+        try:
+            v = run_scenario(s, run_dir, oc, governor=governor, governor_cmd=governor_cmd,
+                             quick=quick, redis_kind=redis_kind, redis_url=redis_url)
+            if oc.valid is not True:  # reports where there is something to look at
+                reports.submit(oc.run_dir, v)
+        except KeyboardInterrupt:
+            # In the run (which tore itself down) or around it: its row is unknown, and
+            # the suite stops (run_suite writes the summary).
+            oc.valid, oc.violations, oc.first_violation_s = None, {}, None
+            oc.interrupted = True
             oc.seconds = time.monotonic() - t0
             outcomes.append(oc)
             if progress:
                 print(_row(oc), flush=True)
+            raise
+        except HarnessError as exc:
+            oc.error = str(exc)
+            raise
+        except Exception as exc:  # noqa: BLE001 - one broken scenario must not stop the suite
+            log.exception("scenario %s failed in the harness", s.name)
+            oc.error = f"{type(exc).__name__}: {exc}"
+        oc.seconds = time.monotonic() - t0
+        outcomes.append(oc)
+        if progress:
+            print(_row(oc), flush=True)
+
+
+def run_scenario(s: scn.Scenario, run_dir: Path, oc: ScenarioOutcome, *, governor: str,
+                 governor_cmd: str | None, quick: bool, redis_kind: str | None = None,
+                 redis_url: str | None = None) -> Verdict:
+    """Run one scenario (with its seed and duration already set) into ``run_dir``, judge
+    it, and fill ``oc`` in: verdict, violations by invariant, coverage. Shared by the
+    suite and the pytest plugin. Raises ``_ScenarioInterrupted`` on Ctrl-C / SIGTERM and
+    HarnessError when the harness cannot do its job."""
+    res = run(RunOptions(scenario=s, governor=governor, governor_cmd=governor_cmd,
+                         out=run_dir, progress=False, redis_kind=redis_kind,
+                         redis_url=redis_url, probe_max_wait_s=30.0 if quick else 120.0))
+    if res.status == "interrupted":
+        raise _ScenarioInterrupted
+    oc.run_dir = res.run_dir
+    v: Verdict = check_run(res.run_dir, model_timeout_s=QUICK_MODEL_TIMEOUT_S
+                           if quick else MODEL_TIMEOUT_S)
+    oc.valid = v.valid if res.status == "complete" else None
+    for name, r in v.results.items():
+        if r.violations:
+            oc.violations[name] = len(r.violations)
+    first = v.to_dict()["time_to_first_violation_s"]
+    if first is not None:
+        oc.first_violation_s = round(first, 2)
+    oc.messages = [x.message for x in v.violations[:3]]
+    oc.coverage = dict(v.coverage)
+    if oc.valid is None:
+        oc.unknown_because = _unknown_because(v, res.status)
+    return v
+
+
+def scenario_runs(names: list[str] | None = None, *, quick: bool = False, seeds: int = 1,
+                  first_seed: int | None = None,
+                  scenarios: list[scn.Scenario] | None = None) -> list[scn.Scenario]:
+    """Every (scenario, seed) the suite runs, in order, with --quick's duration applied."""
+    out = []
+    for sc in scenarios if scenarios is not None else suite_scenarios(names):
+        base = sc.seed if first_seed is None else first_seed
+        for k in range(seeds):
+            out.append(sc.with_overrides(seed=base + k, duration_s=min(
+                sc.duration_s, QUICK_DURATION_S) if quick else None))
+    return out
 
 
 class _ReportWriter:
