@@ -17,6 +17,8 @@ run_dirs = []  # default: [run_dir]
 from chaos.analysis import compare
 
 table = compare.compare_runs(run_dirs or [run_dir])  # MissingData when no run is found
+for skipped_dir, why in table.attrs["skipped"]:  # damaged or unfinished runs
+    print(f"left out {skipped_dir}: {why}")
 table.drop(columns=["run_dir"])
 
 # %% [markdown]

@@ -365,12 +365,12 @@ def test_story_tables_agree_with_the_frames_and_the_verdict(seed_run: Path,
 
 
 def test_compare_runs_and_locust_stats(reference_run: Path, seed_run: Path,
-                                       loadtest_run: Path) -> None:
+                                       loadtest_run: Path, tmp_path: Path) -> None:
     import csv
 
     from chaos.analysis import compare_runs, load_run, locust_stats
 
-    df = compare_runs([seed_run.parent.parent])  # finds every run of this session below
+    df = compare_runs([reference_run.parent, seed_run.parent])  # found one level below
     by_gov = {(r.governor, r.scenario): r for r in df.itertuples()}
     ref = by_gov[("reference", "small-notebooks")]
     seed = by_gov[("seed", "small-notebooks")]
@@ -382,6 +382,14 @@ def test_compare_runs_and_locust_stats(reference_run: Path, seed_run: Path,
     assert 0 < ref.p50_ms <= ref.p99_ms
     with pytest.raises(MissingData, match="no run directory"):
         compare_runs([seed_run / "history"])
+    damaged = tmp_path / "damaged" / "run"  # beside good runs: named and left out
+    (damaged / "history").mkdir(parents=True)
+    (damaged / "history" / "part0.jsonl").write_text('{"type": "invoke", "f"\n')
+    df = compare_runs([reference_run.parent, damaged.parent])
+    assert list(df["governor"]) == ["reference"]
+    assert [d for d, _ in df.attrs["skipped"]] == [str(damaged.resolve())]
+    with pytest.raises(MissingData, match="none of the 1 run directories"):
+        compare_runs([damaged])
 
     stats = locust_stats(load_run(loadtest_run))
     rows = list(csv.DictReader((loadtest_run / "locust_stats_history.csv").open()))

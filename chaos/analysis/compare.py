@@ -17,6 +17,7 @@ import pandas as pd
 from chaos.analysis.frames import MissingData, RunFrames, load_run
 from chaos.checkers import INVARIANTS
 from chaos.history import HISTORY_DIR
+from chaos.rundir import RunDirError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -74,16 +75,31 @@ def run_row(run: RunFrames) -> dict[str, object]:
 
 def compare_runs(dirs: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     """One row per run found in ``dirs`` (see :func:`find_runs`), sorted by scenario, seed
-    and governor so the same scenario and seed line up across governors. Raises
-    MissingData when no run is found."""
+    and governor so the same scenario and seed line up across governors. A run that
+    cannot be read (damaged, still running) is left out and named, with why, in
+    ``df.attrs["skipped"]`` (a list of ``(run_dir, reason)``): one bad directory in a
+    folder of suites must not hide the others. Raises MissingData when no run is found
+    or none can be read."""
     runs = find_runs(dirs)
+    shown = [str(dirs)] if isinstance(dirs, str | Path) else [str(d) for d in dirs]
     if not runs:
-        shown = [str(dirs)] if isinstance(dirs, str | Path) else [str(d) for d in dirs]
         raise MissingData(f"no run directory (history/ or run.json) in or under "
                           f"{', '.join(shown)}")
-    df = pd.DataFrame([run_row(load_run(d)) for d in runs])
-    return df.sort_values(["scenario", "seed", "governor"], key=lambda s: s.astype(str),
-                          kind="stable").reset_index(drop=True)
+    rows: list[dict[str, object]] = []
+    skipped: list[tuple[str, str]] = []
+    for d in runs:
+        try:
+            rows.append(run_row(load_run(d)))
+        except RunDirError as exc:
+            skipped.append((str(d), str(exc)))
+    if not rows:
+        raise MissingData(f"none of the {len(runs)} run directories under "
+                          f"{', '.join(shown)} can be read; first: {skipped[0][1]}")
+    df = pd.DataFrame(rows)
+    df = df.sort_values(["scenario", "seed", "governor"], key=lambda s: s.astype(str),
+                        kind="stable").reset_index(drop=True)
+    df.attrs["skipped"] = skipped
+    return df
 
 
 def _label(row: pd.Series) -> str:
