@@ -141,7 +141,11 @@ def test_two_processes_merge_histograms_and_p99_ceiling_fails_the_run(tmp_path: 
     lat = json.loads((run / "latency.json").read_text())
     rows = list(csv.DictReader((tmp_path / "lt_stats.csv").open()))
     total = next(r for r in rows if r["Name"] == "Aggregated")
-    assert lat["count"] == int(total["Request Count"]) > 300  # both workers' plans
+    # both workers' plans: the master's merged histogram counts every request of both
+    # (how many depends on how soon a loaded host spawns the workers: not asserted)
+    assert lat["count"] == int(total["Request Count"]) > 0
+    for f in senders:
+        assert '"f":"submit"' in f.read_text().replace(" ", ""), f"{f.name} sent nothing"
     assert _wait_gone(run) == []
 
 

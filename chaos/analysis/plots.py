@@ -239,9 +239,12 @@ def positions(run: RunFrames) -> Figure:
     for inv, (marker, color, label) in markers.items():
         pts = _violation_points(run, inv)
         if pts:
+            # large enough to find among thousands of steps: a violation is the story
             handles.append(ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker,
-                                      s=22 if marker != "D" else 12, color=color, zorder=5,
-                                      lw=1.0, label=f"{label} ({len(pts)})"))
+                                      s=90 if marker == "x" else 60, color=color, zorder=5,
+                                      lw=2.0 if marker == "x" else 0.8,
+                                      edgecolors=None if marker == "x" else "white",
+                                      label=f"{label} ({len(pts)})"))
     peak_open = int(pos["open"].max()) if not pos.empty else 0
     ax.set_ylim(0, max(peak_open, cfg.max_positions) * 1.1 + 1)
     if not pos.empty:
