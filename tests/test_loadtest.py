@@ -149,6 +149,62 @@ def test_two_processes_merge_histograms_and_p99_ceiling_fails_the_run(tmp_path: 
     assert _wait_gone(run) == []
 
 
+def _private_mount_works() -> bool:
+    """``unshare -m`` with a tmpfs mount: root (or user namespaces) and util-linux."""
+    if not shutil.which("unshare"):
+        return False
+    p = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs none /mnt"],
+                       capture_output=True, timeout=10)
+    return p.returncode == 0
+
+
+def test_master_and_workers_as_separate_commands_and_a_worker_that_cannot_see_the_run(
+        tmp_path: Path) -> None:
+    """``--master`` and ``--worker`` started apart, as on several machines: a worker on the
+    master's file system sends and is judged with the rest; a worker that cannot see the
+    run directory (here: a private mount namespace hides it, as another machine would)
+    refuses with exit 255 instead of writing a history nobody checks, and the master's run
+    is UNKNOWN (nothing sent), never VALID."""
+    exe = shutil.which("locust", path=os.path.dirname(sys.executable)) or "locust"
+    runs = tmp_path / "runs"
+    runs.mkdir()
+
+    def master(name: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [exe, "-f", str(LOCUSTFILE), "--headless", "--master", "--expect-workers", "1",
+             "-u", "2", "-r", "2", "-t", "3s", "--rate", "50", "--run-dir", str(runs / name),
+             "--only-summary", "--master-bind-port", str(_free_port())],
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def worker(m: subprocess.Popen[str], *wrap: str) -> subprocess.CompletedProcess[str]:
+        port = m.args[m.args.index("--master-bind-port") + 1]
+        return subprocess.run([*wrap, exe, "-f", str(LOCUSTFILE), "--worker",
+                               "--master-port", port], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=90)
+
+    m = master("shared")
+    try:
+        w = worker(m)
+        out, _ = m.communicate(timeout=90)
+    finally:
+        m.kill()
+    assert m.returncode == 0 and "verdict: VALID" in out, out[-3000:] + w.stderr[-2000:]
+    assert len(list((runs / "shared" / "history").glob("locust-*.jsonl"))) == 1
+    if not _private_mount_works():
+        pytest.skip("no private mount namespace here (unshare -m needs root)")
+    m = master("hidden")
+    try:
+        w = worker(m, "unshare", "-m", "sh", "-c", f'mount -t tmpfs none {runs} && exec "$@"',
+                   "sh")
+        out, _ = m.communicate(timeout=90)
+    finally:
+        m.kill()
+    said = w.stdout + w.stderr
+    assert w.returncode == 255 and "cannot see the run directory" in said, said[-2000:]
+    assert m.returncode == 2 and "the load test sent no plan" in out, out[-3000:]
+    assert _wait_gone(runs / "hidden") == []
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_or_sigterm_stops_everything_and_still_judges(tmp_path: Path, sig: int) -> None:
     """A Ctrl-C (SIGINT) or SIGTERM in the middle of the load: the users stop, the world

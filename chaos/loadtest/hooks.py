@@ -184,6 +184,15 @@ def _on_test_start(environment: Environment, **_: Any) -> None:
         return
     if user.PLANE is not None or not opts or not opts.lt_world_url:
         return
+    if not (Path(opts.lt_world_run_dir) / "run.json").is_file():
+        # A worker on another machine: the run directory (history, ledger) is the
+        # master's, and this worker's history would be written where no checker reads it.
+        # Refused, not run half-judged: senders share the master's file system.
+        _fail(environment, f"this worker cannot see the run directory "
+              f"{opts.lt_world_run_dir} of the master: workers must share the master's file "
+              f"system (same machine, or the run directory on a shared mount at the same "
+              f"path); see docs/loadtests.md", EXIT_HARNESS)
+        return
     mix = S.mix or options.parse_mix(opts.mix)
     user.PLANE = user.Plane(environment, redis_url=opts.lt_world_url,
                             prefix=opts.lt_world_prefix, run_dir=opts.lt_world_run_dir,
