@@ -376,3 +376,41 @@ def test_slots_split_decides_as_unsplit(ops: list[Operation], initial: int) -> N
 def test_exit_lock_split_decides_as_unsplit(ops: list[Operation]) -> None:
     assert check(ExitLockModel(), ops, segment_ops=2).valid is \
         check(_UnsplitLock(), ops).valid
+
+
+def _old_check():
+    """The search before issue 15 (kept in loadtests/bench_model.py as the baseline)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "loadtests" / "bench_model.py"
+    spec = importlib.util.spec_from_file_location("bench_model", path)
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.old_check
+
+
+OLD_CHECK = _old_check()
+
+
+@settings(max_examples=300, deadline=None)
+@given(_history(("acquire", "full", "release", "adopt", "regime")), st.integers(0, 2))
+def test_slots_decides_as_the_old_search(ops: list[Operation], initial: int) -> None:
+    # Read-only ops placed as soon as they apply, interchangeable pending ops in call order,
+    # segments: the verdict of the plain WGL search this replaced.
+    assert check(slots(initial), ops, segment_ops=2).valid is \
+        OLD_CHECK(slots(initial), ops).valid
+
+
+@settings(max_examples=300, deadline=None)
+@given(_history(("opened", "lock", "busy", "unlock")))
+def test_exit_lock_decides_as_the_old_search(ops: list[Operation]) -> None:
+    assert check(ExitLockModel(), ops, segment_ops=2).valid is \
+        OLD_CHECK(ExitLockModel(), ops).valid
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 10_000), st.booleans())
+def test_register_decides_as_the_old_search(seed: int, valid: bool) -> None:
+    h = histories.register(seed=seed, clients=3, per_client=4, valid=valid)
+    assert check(h.model, h.ops).valid is OLD_CHECK(h.model, h.ops).valid is h.valid

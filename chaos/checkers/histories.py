@@ -52,6 +52,9 @@ class RegisterModel(Model):
     def interchangeable(self, input: Any, output: Any) -> Hashable | None:  # noqa: A002
         return input if output is UNKNOWN else None  # timed-out writes of one value
 
+    def read_only(self, input: Any, output: Any) -> bool:  # noqa: A002
+        return bool(input[0] == "read")
+
 
 class KVModel(Model):
     """A key-value store of strings with get, put and append, partitioned per key
@@ -66,6 +69,9 @@ class KVModel(Model):
         if input[0] == "put":
             return True, input[2]
         return True, state + input[2]
+
+    def read_only(self, input: Any, output: Any) -> bool:  # noqa: A002
+        return bool(input[0] == "get")
 
     def partition(self, ops: Sequence[Operation]) -> list[list[Operation]]:
         by: dict[Any, list[Operation]] = defaultdict(list)

@@ -135,8 +135,9 @@ class LinResult:
 class Model:
     """Porcupine's model interface; subclass and override.
 
-    Two additions: ``interchangeable(input, output)`` names ops with a +inf return that
-    have the same effect in every state (None: none), and ``split = True`` lets
+    Three additions: ``interchangeable(input, output)`` names ops with a +inf return that
+    have the same effect in every state (None: none), ``read_only(input, output)`` says
+    an op never changes the state, and ``split = True`` lets
     :func:`check` cut a partition's history into segments (:func:`_segmented`); both only
     make the search faster, never change its verdict."""
 
@@ -144,6 +145,10 @@ class Model:
 
     def interchangeable(self, input: Any, output: Any) -> Hashable | None:  # noqa: A002
         return None
+
+    def read_only(self, input: Any, output: Any) -> bool:  # noqa: A002
+        """Does the op leave every state as it was (when it applies)?"""
+        return False
 
     def init(self) -> Hashable:
         raise NotImplementedError
@@ -264,10 +269,18 @@ def _search(model: Model, ops: Sequence[Operation], state: Any, prog: Progress,
             yield None
 
     mem = [0] if mem is None else mem
+    # An op that never changes the state (a read, a BLOCK), with a finite return, is placed
+    # as soon as it applies and no other candidate is tried in its stead: if a
+    # linearization exists from here, one exists with it next (moving it forward leaves
+    # every state as it was, and every op that precedes it in real time is placed already,
+    # or it would not be a candidate). Without this, k concurrent BLOCKs at a full count
+    # cost 2^k states on the way to proving that an acquire among them cannot be placed.
+    read_only = model.read_only
+    forced = [op.return_ms != INF and read_only(op.input, op.output) for op in ops]
     n_finite = n - len(inf_ops)
     placed_finite = 0
     linearized = 0
-    stack: list[tuple[int, Any]] = []
+    stack: list[tuple[int, Any, bool]] = []
     cache: set[tuple[int, Any]] = set()
     step = model.step
     entry = nxt[head]
@@ -292,7 +305,7 @@ def _search(model: Model, ops: Sequence[Operation], state: Any, prog: Progress,
                             if mem[0] < CACHE_MAX:
                                 cache.add(key)
                                 mem[0] += 1
-                            stack.append((entry, state))
+                            stack.append((entry, state, forced[i]))
                             state, linearized = new_state, nl
                             placed_finite += op.return_ms != INF
                             c, r = entry, match[entry]
@@ -302,8 +315,17 @@ def _search(model: Model, ops: Sequence[Operation], state: Any, prog: Progress,
                             nxt[prv[r]] = nxt[r]
                             entry = nxt[head]
                             continue
-                entry = nxt[entry]
-                continue
+                        if not forced[i]:
+                            entry = nxt[entry]
+                            continue
+                        # else: placing it now was tried already, and nothing else is
+                        # worth trying here (see above): back
+                    else:
+                        entry = nxt[entry]
+                        continue
+                else:
+                    entry = nxt[entry]
+                    continue
             elif base + len(stack) > prog.depth:
                 # The return of an op not linearized: the longest prefix so far?
                 tried = []
@@ -313,19 +335,22 @@ def _search(model: Model, ops: Sequence[Operation], state: Any, prog: Progress,
                         tried.append(ops[opid[k]])
                     k = nxt[k]
                 prog.depth, prog.stuck, prog.state = base + len(stack), ops[opid[entry]], state
-                prog.last = tuple(ops[opid[e]] for e, _ in stack[-_TAIL:])
+                prog.last = tuple(ops[opid[e]] for e, _, _ in stack[-_TAIL:])
                 prog.tried = tuple(tried)
-            # Backtrack.
-            if not stack:
-                return
-            top, state = stack.pop()
-            linearized &= ~(1 << opid[top])
-            placed_finite -= ops[opid[top]].return_ms != INF
-            c, r = top, match[top]
-            nxt[prv[r]] = r
-            prv[nxt[r]] = r
-            nxt[prv[c]] = c
-            prv[nxt[c]] = c
+            # Backtrack, past ops that were placed as soon as they applied (forced).
+            while True:
+                if not stack:
+                    return
+                top, state, was_forced = stack.pop()
+                linearized &= ~(1 << opid[top])
+                placed_finite -= ops[opid[top]].return_ms != INF
+                c, r = top, match[top]
+                nxt[prv[r]] = r
+                prv[nxt[r]] = r
+                nxt[prv[c]] = c
+                prv[nxt[c]] = c
+                if not was_forced:
+                    break
             entry = nxt[top]
 
     finally:
@@ -589,6 +614,9 @@ class SlotsModel(Model):
             return True, (count, input[1])
         raise ValueError(f"unknown slots op {input!r}")
 
+    def read_only(self, input: Any, output: Any) -> bool:  # noqa: A002
+        return bool(input[0] == "full")
+
     def interchangeable(self, input: Any, output: Any) -> Hashable | None:  # noqa: A002
         if input[0] in ("release", "adopt"):
             return (input[0],)
@@ -605,6 +633,9 @@ class ExitLockModel(Model):
     a long partition split into segments; unlocks of one effect are interchangeable."""
 
     split = True
+
+    def read_only(self, input: Any, output: Any) -> bool:  # noqa: A002
+        return bool(input[0] == "busy")
 
     def interchangeable(self, input: Any, output: Any) -> Hashable | None:  # noqa: A002
         if input[0] == "unlock":
