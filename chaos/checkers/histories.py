@@ -134,7 +134,7 @@ def _output(model: Model, state: Any, inp: Any) -> Any:
     raise TypeError(model)
 
 
-def register(seed: int = 1, clients: int = 6, per_client: int = 60, valid: bool = True,
+def register(seed: int = 1, clients: int = 7, per_client: int = 60, valid: bool = True,
              width: float = 3.0, p_unknown: float = 0.02) -> History:
     """Reads, writes and compare-and-sets of values 0-4 by ``clients`` clients whose ops
     overlap a lot; invalid: one read of 99 (never written) near the end, overlapping the
@@ -160,7 +160,7 @@ def register(seed: int = 1, clients: int = 6, per_client: int = 60, valid: bool 
 
 def kv(seed: int = 1, clients: int = 50, keys: int = 10, per_client: int = 40,
        valid: bool = True, cheap_bad_key: bool = False, width: float = 2.0,
-       p_unknown: float = 0.0, gets: float = 0.6) -> History:
+       p_unknown: float = 0.0, gets: float = 0.5) -> History:
     """A key-value store with ``clients`` clients over ``keys`` keys, appends of unique
     strings and gets (Porcupine's c50 shape). Invalid: a get of a value nobody wrote on
     the last key, either near the end of a full partition or (``cheap_bad_key``) on a key
