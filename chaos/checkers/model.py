@@ -433,9 +433,12 @@ def _segmented(model: Model, ops: Sequence[Operation], prog: Progress, min_ops: 
 
     First the cheap way: from each segment's first end configuration into the next (the
     search places carried ops as early as it can), which decides a valid history at the
-    cost of one search per segment. Only if a segment fails that way, every configuration:
-    the set of non-dominated end configurations of segment i from every one of segment
-    i-1's, forward to the end (invalid when a set is empty).
+    cost of one search per segment. Where a segment fails that way, every configuration:
+    the set of non-dominated end configurations of segment k from every one of segment
+    k-1's, from a configuration known to be reached w segments back up to the failing
+    one; w doubles until one passes it (the cheap way goes on from there) or the sets,
+    followed from the start, die out: invalid. A wrong early choice is so mended where
+    it was made, and an invalid history costs at most about twice the full pass.
 
     Releases in the slots model are ``[event, +inf)`` and almost never all placed, so
     classic quiescent points (nothing pending) hardly exist; pending +inf ops are carried
@@ -449,39 +452,50 @@ def _segmented(model: Model, ops: Sequence[Operation], prog: Progress, min_ops: 
     before = [0]
     for seg in segs:
         before.append(before[-1] + len(seg))
-    start: _End = (model.init(), ())
-    cfg: _End | None = start
-    for i, seg in enumerate(segs):  # the cheap way
-        assert cfg is not None
-        state, pool = cfg
-        cfg = None
-        for x in _search(model, [*pool, *seg], state, prog, before[i] - len(pool),
-                             mem):
-            if x is not None:
-                cfg = x
-                break
-            yield None
-        if cfg is None:
-            break
-    else:
-        return True
-    frontier = [start]
-    for i, seg in enumerate(segs):  # every configuration
+    def ends_of(i: int, frontier: list[_End], first: bool
+                ) -> Generator[None, None, list[_End]]:
+        """Segment i's end configurations from every one of ``frontier``, dominated
+        ones dropped (``first``: the first found is enough)."""
         ends: list[_End] = []
         for state, pool in frontier:
-            for x in _search(model, [*pool, *seg], state, prog, before[i] - len(pool),
+            for x in _search(model, [*pool, *segs[i]], state, prog, before[i] - len(pool),
                              mem):
                 if x is None:
                     yield None
-                    continue
-                if i + 1 == len(segs):
-                    return True
-                if not any(_dominates(model, e, x) for e in ends):
+                elif first:
+                    return [x]
+                elif not any(_dominates(model, e, x) for e in ends):
                     ends = [e for e in ends if not _dominates(model, x, e)]
                     ends.append(x)
-        if not ends:
-            return False
-        frontier = ends
+        return ends
+
+    # known[i]: a configuration at the start of segment i that the history so far reaches.
+    known: dict[int, _End] = {0: (model.init(), ())}
+    i = 0
+    while i < len(segs):
+        ends = yield from ends_of(i, [known[i]], True)  # the cheap way
+        if ends:
+            i += 1
+            known[i] = ends[0]
+            continue
+        # Segment i fails from there: follow every configuration from a known one w
+        # segments back, w doubling, until one passes segment i (go on from it) or w
+        # reaches the start and none does (invalid).
+        w = 1
+        while True:
+            s0 = max(k for k in known if k <= max(0, i - w))
+            frontier = [known[s0]]
+            for k in range(s0, i + 1):
+                frontier = yield from ends_of(k, frontier, k == i)
+                if not frontier:
+                    break
+            if frontier:
+                i += 1
+                known[i] = frontier[0]
+                break
+            if s0 == 0:
+                return False
+            w *= 2
     return True
 
 
