@@ -165,12 +165,12 @@ class Model:
 
 # -- the search ------------------------------------------------------------------------------
 SLICE = 1024  # search iterations between two looks at the clock / turns of the partitions
-# Memory of the searches' caches: freeing one entry (a tuple, its bitset and state) takes
-# about 2 us (measured: 4.4 s for 2 million), so the clock stops a search that much early;
-# beyond CACHE_MAX entries (about 0.5 GB) states are no longer remembered (the search stays
-# exact, only slower).
-FREE_S_PER_ENTRY = 2.5e-6
-CACHE_MAX = 2_000_000
+# Memory of the searches' caches: freeing one entry (a tuple, its bitset and state) took
+# 0.5-2.2 us here (2 million: 1.1-4.4 s, with the machine's load), so the clock stops a
+# search 1.2 us an entry early; beyond CACHE_MAX entries states are no longer remembered
+# (the search stays exact, only slower), which bounds what is left to free to ~1-2 s.
+FREE_S_PER_ENTRY = 1.2e-6
+CACHE_MAX = 1_000_000
 SEGMENT_MIN_OPS = 200  # a split history's segments are at least this long (the last aside)
 _TAIL = 4  # linearized ops shown before the one that cannot be placed
 
