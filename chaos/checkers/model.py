@@ -20,10 +20,15 @@ and return events sorted by time (calls before returns on ties) in a doubly
 linked list; a call is *lifted* (it and its return unlinked) when the op is
 linearized and *unlifted* on backtracking; a cache of ``(linearized ops as an
 int bitset, state)`` prunes states already explored. Reaching the return event
-of an op not yet linearized forces a backtrack; reaching a return at +infinity
-(or the end of the list) means every op with a finite return is linearized: the
-history is linearizable. It runs per partition and gives ``valid=None``
-(unknown) when the deadline passes.
+of an op not yet linearized forces a backtrack; once every op with a finite
+return is linearized the history is linearizable. It gives ``valid=None``
+(unknown) when the deadline passes. Beyond Porcupine, none of which changes a
+verdict (the tests compare with the plain search): the partitions' searches
+take turns and the first failure decides (:func:`check`); read-only ops are
+placed as soon as they apply and interchangeable pending ops in call order
+(:func:`_search`); a long partition is split into segments (:func:`_segmented`);
+and each failed or unfinished partition gets its longest linearizable prefix
+(:class:`Progress`, ``stats.explanations`` in results.json).
 
 Governor models: which history events become which operations
 --------------------------------------------------------------
