@@ -414,3 +414,27 @@ def test_exit_lock_decides_as_the_old_search(ops: list[Operation]) -> None:
 def test_register_decides_as_the_old_search(seed: int, valid: bool) -> None:
     h = histories.register(seed=seed, clients=3, per_client=4, valid=valid)
     assert check(h.model, h.ops).valid is OLD_CHECK(h.model, h.ops).valid is h.valid
+
+
+def test_segments_of_a_long_shuffled_history() -> None:
+    # Over 2^16 ops: sorted in runs and merged two by two; each cut has no finite op
+    # spanning it, and every op is in exactly one segment, in call order.
+    import random
+
+    from chaos.checkers.model import _segments
+
+    ops = list(histories.slots(n=150_000).ops)
+    random.Random(3).shuffle(ops)
+    gen = _segments(ops, 200)
+    try:
+        while True:
+            next(gen)
+    except StopIteration as stop:
+        segs = stop.value
+    flat = [op for seg in segs for op in seg]
+    assert sorted(map(id, flat)) == sorted(map(id, ops))
+    assert all(a.call_ms <= b.call_ms for a, b in zip(flat, flat[1:], strict=False))
+    last = -INF
+    for seg in segs:
+        assert last < seg[0].call_ms
+        last = max([last, *(op.return_ms for op in seg if op.return_ms != INF)])

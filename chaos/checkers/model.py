@@ -87,6 +87,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Generator, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
 from chaos.checkers.facts import Decision, Facts
@@ -361,22 +362,39 @@ def _search(model: Model, ops: Sequence[Operation], state: Any, prog: Progress,
     finally:
         mem[0] -= len(cache)
 
-def _segments(ops: Sequence[Operation], min_ops: int) -> list[list[Operation]]:
+def _segments(ops: Sequence[Operation], min_ops: int
+              ) -> Generator[None, None, list[list[Operation]]]:
     """Cut the history (in call order) before an op called strictly after every earlier op
     with a finite return has returned, once the segment has ``min_ops`` ops: no op with a
     finite return spans the cut, so in every linearization the finite ops before it come
-    first (see :func:`_segmented`)."""
-    order = sorted(ops, key=lambda op: op.call_ms)
+    first (see :func:`_segmented`). Yields now and then, so that the clock is looked at:
+    runs of 2^16 ops are sorted apart and merged two by two (one sort of 10^6 ops took
+    0.3-0.9 s in one piece)."""
+    by_call = attrgetter("call_ms")
+    runs = []
+    for k in range(0, len(ops), 1 << 16):
+        runs.append(sorted(ops[k:k + (1 << 16)], key=by_call))
+        yield None
+    while len(runs) > 1:  # merged two by two (a sort of two sorted runs only merges them)
+        merged = []
+        for k in range(0, len(runs), 2):
+            merged.append(runs[k] + runs[k + 1] if k + 1 < len(runs) else runs[k])
+            merged[-1].sort(key=by_call)
+            yield None
+        runs = merged
+    order = runs[0] if runs else []
     segs: list[list[Operation]] = []
     cur: list[Operation] = []
     last_ret = -INF
-    for op in order:
+    for k, op in enumerate(order):
         if len(cur) >= min_ops and last_ret < op.call_ms:
             segs.append(cur)
             cur = []
         cur.append(op)
         if op.return_ms != INF and op.return_ms > last_ret:
             last_ret = op.return_ms
+        if k & 0xFFFF == 0xFFFF:
+            yield None
     if cur:
         segs.append(cur)
     return segs
@@ -452,8 +470,7 @@ def _segmented(model: Model, ops: Sequence[Operation], prog: Progress, min_ops: 
     history, which made a long history quadratic. What bounds the cost: the longest
     stretch of history without a cut (ops with finite returns overlapping end to end),
     searched in one piece."""
-    segs = _segments(ops, min_ops)
-    yield None
+    segs = yield from _segments(ops, min_ops)
     before = [0]
     for seg in segs:
         before.append(before[-1] + len(seg))
