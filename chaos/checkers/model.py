@@ -474,6 +474,7 @@ def _segmented(model: Model, ops: Sequence[Operation], prog: Progress, min_ops: 
     before = [0]
     for seg in segs:
         before.append(before[-1] + len(seg))
+
     def ends_of(i: int, frontier: list[_End], first: bool
                 ) -> Generator[None, None, list[_End]]:
         """Segment i's end configurations from every one of ``frontier``, dominated
