@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from chaos.checkers.model import (
+    INF,
     UNKNOWN,
     ExitLockModel,
     Model,
@@ -256,3 +257,184 @@ def test_check_model_on_synthetic_run(tmp_path: Path) -> None:
     assert {k: r.valid for k, r in results.items()} == {"slots_model": True,
                                                         "exit_lock_model": True}
     assert results["slots_model"].stats["ops"] > 0
+
+
+# -- the generated regression suite (chaos/checkers/histories.py) --------------------------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from chaos.checkers import histories  # noqa: E402
+
+SUITE = {h.name: h for h in histories.suite()}
+
+
+@pytest.mark.parametrize("name", sorted(SUITE))
+def test_generated_history_verdict(name: str) -> None:
+    # Each is decided, with the verdict it has by construction, within 5 s (unknown fails).
+    h = SUITE[name]
+    r = check(h.model, h.ops, timeout_s=5)
+    assert r.valid is h.valid, r.explanation
+
+
+def test_cheap_failing_partition_decides_whatever_the_others_cost() -> None:
+    # Nine hard valid partitions (each seconds of search) come first in key order; the
+    # tenth, four ops and an impossible read, fails at once: invalid within 1 s.
+    h = histories.kv(valid=False, cheap_bad_key=True, width=1.5, gets=0.35)
+    r = check(h.model, h.ops, timeout_s=1.0)
+    assert r.valid is False
+    assert r.partition_failed == 9 and r.n_partitions == 10
+    info = r.partitions[0]
+    assert info["outcome"] == "invalid" and info["first_unplaceable"]["client"] == "bad"
+    assert info["longest_prefix"] >= 3 and info["state_before"] in ("'a'", "'ab'")
+
+
+def test_explanation_longest_prefix_and_state() -> None:
+    ops = [acq("a", 0, 1), acq("b", 2, 3), full("f", 4, 5), acq("c", 6, 7)]
+    r = check(slots(), ops)
+    assert r.valid is False
+    (info,) = r.partitions
+    assert info["longest_prefix"] == 3 and info["ops"] == 4
+    assert info["first_unplaceable"]["client"] == "c"
+    assert info["state_before"] == "2 slots in use of 2 (regime BASE)"
+    assert [o["client"] for o in info["prefix_tail"]] == ["a", "b", "f"]
+    res = check_model_result(r, len(ops))
+    assert res.stats["explanations"] == r.partitions and res.stats["partitions"] == 1
+    assert res.note.startswith("no linearization: at most 3 of 4 ops")
+
+
+def check_model_result(r, n):  # the CheckResult results.json gets
+    from chaos.checkers.model import _result
+
+    return _result("slots_model", r, n, 0.0)
+
+
+def test_timeout_explains_each_unfinished_partition() -> None:
+    n = 40
+    ops = [Operation(f"i{k}", ("inc", 1 << k), 0, "ok", 100) for k in range(n)]
+    ops.append(Operation("r", ("read",), 0, -1, 100))
+    r = check(Counter(), ops, timeout_s=0.2)
+    assert r.valid is None
+    (info,) = r.partitions
+    assert info["outcome"] == "timeout" and info["first_unplaceable"]["client"] == "r"
+
+
+class _Unsplit(SlotsModel):
+    split = False
+
+    def interchangeable(self, input, output):  # noqa: A002
+        return None
+
+
+class _UnsplitLock(ExitLockModel):
+    split = False
+
+    def interchangeable(self, input, output):  # noqa: A002
+        return None
+
+
+def _op(draw, kinds, k: int, t: int) -> Operation:
+    kind = draw(st.sampled_from(kinds))
+    sym = draw(st.sampled_from("AB"))
+    width = draw(st.integers(0, 3))
+    unknown = draw(st.booleans()) and draw(st.booleans())
+    inf = kind in ("release", "adopt", "unlock")
+    inp: tuple = (kind, sym)
+    if kind == "regime":
+        inp = (kind, draw(st.sampled_from(["BASE", "CHOP"])))
+    if kind == "unlock":
+        inp = (kind, "S", draw(st.sampled_from(["close", "flip", "none"])))
+    elif kind in ("lock", "busy", "opened"):
+        inp = (kind, "S")
+    out = {"acquire": "PERMIT", "full": "BLOCK", "lock": "PERMIT", "busy": "BLOCK"}.get(kind,
+                                                                                       "ok")
+    return Operation(f"p{k}", inp, t, UNKNOWN if unknown and not inf else out,
+                     INF if inf else t + width)
+
+
+@st.composite
+def _history(draw, kinds: tuple[str, ...]) -> list[Operation]:
+    n = draw(st.integers(1, 11))
+    t, ops = 0, []
+    for k in range(n):
+        t += draw(st.integers(0, 3))
+        ops.append(_op(draw, kinds, k, t))
+    return ops
+
+
+@settings(max_examples=300, deadline=None)
+@given(_history(("acquire", "full", "release", "adopt", "regime")), st.integers(0, 2))
+def test_slots_split_decides_as_unsplit(ops: list[Operation], initial: int) -> None:
+    # Segments as short as 2 ops, carried pending ops, interchangeable releases: the same
+    # verdict as the plain search over the whole history.
+    split = check(slots(initial), ops, segment_ops=2).valid
+    plain = check(_Unsplit(CAP, initial, "BASE"), ops).valid
+    assert split is plain
+
+
+@settings(max_examples=300, deadline=None)
+@given(_history(("opened", "lock", "busy", "unlock")))
+def test_exit_lock_split_decides_as_unsplit(ops: list[Operation]) -> None:
+    assert check(ExitLockModel(), ops, segment_ops=2).valid is \
+        check(_UnsplitLock(), ops).valid
+
+
+def _old_check():
+    """The search before issue 15 (kept in loadtests/bench_model.py as the baseline)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "loadtests" / "bench_model.py"
+    spec = importlib.util.spec_from_file_location("bench_model", path)
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.old_check
+
+
+OLD_CHECK = _old_check()
+
+
+@settings(max_examples=300, deadline=None)
+@given(_history(("acquire", "full", "release", "adopt", "regime")), st.integers(0, 2))
+def test_slots_decides_as_the_old_search(ops: list[Operation], initial: int) -> None:
+    # Read-only ops placed as soon as they apply, interchangeable pending ops in call order,
+    # segments: the verdict of the plain WGL search this replaced.
+    assert check(slots(initial), ops, segment_ops=2).valid is \
+        OLD_CHECK(slots(initial), ops).valid
+
+
+@settings(max_examples=300, deadline=None)
+@given(_history(("opened", "lock", "busy", "unlock")))
+def test_exit_lock_decides_as_the_old_search(ops: list[Operation]) -> None:
+    assert check(ExitLockModel(), ops, segment_ops=2).valid is \
+        OLD_CHECK(ExitLockModel(), ops).valid
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 10_000), st.booleans())
+def test_register_decides_as_the_old_search(seed: int, valid: bool) -> None:
+    h = histories.register(seed=seed, clients=3, per_client=4, valid=valid)
+    assert check(h.model, h.ops).valid is OLD_CHECK(h.model, h.ops).valid is h.valid
+
+
+def test_segments_of_a_long_shuffled_history() -> None:
+    # Over 2^16 ops: sorted in runs and merged two by two; each cut has no finite op
+    # spanning it, and every op is in exactly one segment, in call order.
+    import random
+
+    from chaos.checkers.model import _segments
+
+    ops = list(histories.slots(n=150_000).ops)
+    random.Random(3).shuffle(ops)
+    gen = _segments(ops, 200)
+    try:
+        while True:
+            next(gen)
+    except StopIteration as stop:
+        segs = stop.value
+    flat = [op for seg in segs for op in seg]
+    assert sorted(map(id, flat)) == sorted(map(id, ops))
+    assert all(a.call_ms <= b.call_ms for a, b in zip(flat, flat[1:], strict=False))
+    last = -INF
+    for seg in segs:
+        assert last < seg[0].call_ms
+        last = max([last, *(op.return_ms for op in seg if op.return_ms != INF)])

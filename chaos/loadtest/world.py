@@ -49,7 +49,7 @@ SETTLE_S = 10.0  # what the governors get to decide the plans still in flight at
 # What needs the ledger (what executed): not judged when the system under test has its own
 # executor (--own-executor). fresh_intent, one_decision and protocol need only the streams.
 LEDGER_CHECKS = ("slots", "one_position_per_symbol", "single_close", "capital")
-MODEL_TIMEOUT_S = 2.0  # the sequential-model check's budget (as ``chaos suite --quick``)
+MODEL_TIMEOUT_S = 10.0  # the sequential-model check's budget (as ``chaos suite``)
 STAGING_URL_ENV = "LOADTEST_REDIS_URL"  # in the environment: a password never shows in ps
 
 
