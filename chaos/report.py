@@ -29,6 +29,7 @@ import html
 import io
 import json
 import logging
+import math
 import re
 import time
 import xml.etree.ElementTree as ET
@@ -335,6 +336,19 @@ def _model_rows(ctx: RunFrames) -> list[tuple[str, str, int, str]]:
     return rows
 
 
+def _model_explanation_rows(ctx: RunFrames) -> list[tuple[str, ...]]:
+    """Each model partition that failed or ran out of time: how far it linearized and
+    what could not be placed next (Porcupine's visualization, as a table)."""
+    df = ctx.model_explanations
+    return [(r.model, str(r.partition), r.outcome, f"{r.longest_prefix} of {r.ops}",
+             r.first_unplaceable or "-", "" if math.isnan(r.t) else f"{r.t:.3f}",
+             r.state_before or "-") for r in df.head(MAX_VIOLATIONS_SHOWN).itertuples()]
+
+
+_MODEL_EXPLANATION_HEADER = ("model", "partition", "outcome", "linearized", "cannot be placed",
+                             "called (s)", "state before it")
+
+
 def _coverage_rows(ctx: RunFrames) -> list[tuple[str, str]]:
     """What the run exercised (results.json ``coverage``), and why it is not enough when
     it is not: a VALID verdict needs both the invariants and this."""
@@ -469,6 +483,8 @@ def _render_markdown(ctx: RunFrames, plots: list[_Plot]) -> str:
         L += [f"Model checks (second opinion; agree with the invariant checkers: "
               f"{'unknown' if agree is None else 'yes' if agree else 'NO'}):", ""]
         L += _md_table(("model", "result", "violations", "note"), _model_rows(ctx)) + [""]
+        if _model_explanation_rows(ctx):
+            L += _md_table(_MODEL_EXPLANATION_HEADER, _model_explanation_rows(ctx)) + [""]
     if _coverage_rows(ctx):
         L += ["## Coverage", ""] + _md_table(("", ""), _coverage_rows(ctx)) + [""]
     L += _governor_findings_md(ctx)
@@ -578,6 +594,8 @@ def _render_html(ctx: RunFrames, plots: list[_Plot]) -> str:
                  f"{'unknown' if agree is None else 'yes' if agree else 'NO'}):</p>")
         B.append(_html_table(("model", "result", "violations", "note"), _model_rows(ctx),
                              cell_class=lambda i, c: str(c) if i == 1 else ""))
+        if _model_explanation_rows(ctx):
+            B.append(_html_table(_MODEL_EXPLANATION_HEADER, _model_explanation_rows(ctx)))
     if _coverage_rows(ctx):
         B += ["<h2>Coverage</h2>", _html_table(None, _coverage_rows(ctx))]
     B += _governor_findings_html(ctx)

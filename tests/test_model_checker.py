@@ -234,6 +234,26 @@ def test_legacy_open_storm_slots_invalid(real_runs: dict[str, Path]) -> None:
     assert r.violations and "slots in use" in r.violations[0].message
 
 
+def test_explanations_reach_the_analysis_frames_and_the_report(
+        real_runs: dict[str, Path], tmp_path: Path) -> None:
+    """The failing partition's longest prefix and the op that cannot be placed, from
+    results.json to ``RunFrames.model_explanations`` and the report's model section."""
+    import shutil
+
+    from chaos.analysis import load_run
+    from chaos.report import write_report
+
+    run = tmp_path / "run"
+    shutil.copytree(real_runs["legacy-open-storm"], run)
+    write_report(run)  # judges (models included) and writes results.json
+    df = load_run(run).model_explanations
+    row = df[df["model"] == "slots_model"].iloc[0]
+    assert row.outcome == "invalid" and 0 < row.longest_prefix < row.ops
+    assert row.first_unplaceable and "slots in use" in row.state_before
+    assert "cannot be placed" in (run / "report.md").read_text()
+    assert row.first_unplaceable in (run / "report.html").read_text().replace("&gt;", ">")
+
+
 def test_unknown_lock_may_have_been_a_block() -> None:
     # An unknown-outcome CLOSE decision overlapping a held lock: either it blocked or it
     # never happened; valid. A known PERMIT there is invalid.

@@ -56,6 +56,9 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "latency": ("t", "latency_ms", "decision", "reason", "action", "first"),
     "violations": ("invariant", "t", "wall_ms", "message", "explanation", "plan_ids",
                    "symbol", "expected", "observed", "faults"),
+    "model_explanations": ("model", "partition", "outcome", "ops", "longest_prefix",
+                           "first_unplaceable", "t", "state_before", "prefix_tail",
+                           "pending_not_applying"),
 }
 
 # What an empty frame most likely means, for :meth:`RunFrames.require`.
@@ -73,6 +76,7 @@ _WHY_EMPTY = {
     "capital": "no OPEN permit and no order",
     "latency": "no decision was recorded",
     "violations": "no violations (the verdict found none)",
+    "model_explanations": "no model partition failed or ran out of time (or no model check)",
 }
 
 _VERDICT_WORD = {True: "VALID", False: "INVALID", None: "UNKNOWN"}
@@ -619,6 +623,39 @@ class RunFrames:
             "faults": [list(v.faults) for v in vs]})
         df["t"] = self.s(df["wall_ms"])
         return df[list(COLUMNS["violations"])]
+
+
+    @cached_property
+    def model_explanations(self) -> pd.DataFrame:
+        """Porcupine's visualization as a table: for each partition of a sequential-model
+        check that failed or ran out of time, the longest linearizable prefix (ops), the
+        first operation that cannot be placed after it (``t``: its call) and the model
+        state before it (results.json ``models.<name>.stats.explanations``)."""
+        rows = []
+        for name, r in (getattr(self.verdict, "models", None) or {}).items():
+            for e in (r.stats or {}).get("explanations") or ():
+                stuck = e.get("first_unplaceable") or {}
+                rows.append({
+                    "model": name, "partition": e.get("partition"),
+                    "outcome": e.get("outcome"), "ops": e.get("ops"),
+                    "longest_prefix": e.get("longest_prefix"),
+                    "first_unplaceable": _op_text(stuck) if stuck else "",
+                    "t": (self.s(pd.Series([stuck["call_ms"]])).iloc[0]
+                          if stuck.get("call_ms") is not None else float("nan")),
+                    "state_before": e.get("state_before", ""),
+                    "prefix_tail": [_op_text(o) for o in e.get("prefix_tail") or ()],
+                    "pending_not_applying": [_op_text(o)
+                                             for o in e.get("pending_not_applying") or ()]})
+        if not rows:
+            return _empty("model_explanations")
+        return pd.DataFrame(rows)[list(COLUMNS["model_explanations"])]
+
+
+def _op_text(op: dict[str, Any]) -> str:
+    """A model operation in a few words: ``plan-1: acquire S001USDT -> PERMIT``."""
+    inp = op.get("input")
+    what = " ".join(map(str, inp)) if isinstance(inp, list | tuple) else str(inp)
+    return f"{op.get('client')}: {what} -> {op.get('output')}"
 
 
 def fault_note(run: RunFrames) -> str:
