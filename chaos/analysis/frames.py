@@ -718,7 +718,8 @@ def _stored_verdict(facts: Facts) -> Verdict | None:
             by_inv.setdefault(v["invariant"], []).append(Violation(
                 v["invariant"], v["wall_ms"], v.get("symbol"), tuple(v.get("plan_ids") or ()),
                 v.get("expected", ""), v.get("observed", ""), v.get("message", ""),
-                tuple(v.get("events") or ()), tuple(v.get("faults") or ())))
+                tuple(v.get("events") or ()), tuple(v.get("faults") or ()),
+                v.get("minimal_witness")))
 
         def results(section: dict[str, Any], vs: dict[str, list[Violation]]) -> dict[
                 str, CheckResult]:

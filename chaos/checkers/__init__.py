@@ -132,12 +132,20 @@ def run_checkers(facts: Facts, parallel: bool | None = None) -> dict[str, CheckR
 
 
 def check_run(run_dir: str | Path, write: bool = True, models: bool = True,
-              model_timeout_s: float = 10.0) -> Verdict:
+              model_timeout_s: float = 10.0, minimize: bool | Any = True) -> Verdict:
+    """Judge a run directory and write results.json. ``minimize``: search each violation's
+    minimal witness (chaos.checkers.minimize; True: the default bounds, or a
+    ``MinimizeOptions``; False: none)."""
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
     with gc_paused():
         facts = gather(run_dir)
     verdict = judge(facts, models=models, model_timeout_s=model_timeout_s, started=t0)
+    if minimize is not False and verdict.violations:
+        from chaos.checkers.minimize import MinimizeOptions, minimize_verdict
+
+        minimize_verdict(verdict, minimize if isinstance(minimize, MinimizeOptions)
+                         else MinimizeOptions())
     if write:
         tmp = run_dir / "results.json.tmp"
         tmp.write_text(json.dumps(verdict.to_dict(), indent=2, default=str))
