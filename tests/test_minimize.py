@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from govtools import small_scenario
-from test_import import Book, imported, results_of, valid_history
+from test_import import Book, chaos, imported, results_of, valid_history
 
 from chaos import scenario as scn
 from chaos.checkers import check_run, gather
@@ -164,3 +164,32 @@ def test_ddmin_finds_a_known_minimum_and_stops_at_its_deadline() -> None:
     assert (got, done) == (sorted(need), True)
     got, done = ddmin(64, failing, time.perf_counter() - 1)
     assert not done and need <= set(got), "cut short: the smallest failing set so far"
+
+
+def test_the_report_the_frame_and_chaos_check_show_the_witnesses(legacy_run: Path,
+                                                                  tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from chaos.analysis import load_run
+    from chaos.report import write_report
+
+    p = chaos("check", str(legacy_run), "--witness-cap", "1", "--witness-budget-s", "3")
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "minimal witnesses:" in p.stdout
+    res = json.loads((legacy_run / "results.json").read_text())
+    assert all(s["minimised"] == 1 for s in res["stats"]["minimal_witnesses"][
+        "per_invariant"].values())
+    witnessed = [v for v in res["violations"] if "minimal_witness" in v]
+    frame = load_run(legacy_run).minimal_witnesses
+    assert sorted(frame["n"].unique()) == list(range(1, len(witnessed) + 1))
+    for n, v in enumerate(witnessed, 1):
+        rows = frame[frame["n"] == n]
+        assert list(rows["ref"]) == [op["ref"] for op in v["minimal_witness"]["ops"]]
+        assert set(rows["invariant"]) == {v["invariant"]} and rows["t"].is_monotonic_increasing
+    html = write_report(legacy_run).html.read_text()
+    section = html[html.index("<h2>Minimal witnesses</h2>"):]
+    for v in witnessed:
+        assert all(op["plan_id"] in section for op in v["minimal_witness"]["ops"])
+    p = chaos("check", str(legacy_run), "--no-minimize")
+    assert p.returncode == 1 and "minimal witnesses" not in p.stdout
+    assert "minimal_witness" not in (legacy_run / "results.json").read_text()
+    assert chaos("check", str(legacy_run), "--witness-cap", "0").returncode == 254

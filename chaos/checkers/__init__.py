@@ -93,6 +93,15 @@ class Verdict:
             lines.append(f"  - [{v.invariant}] {v.message}")
         if len(self.violations) > 5:
             lines.append(f"  ... {len(self.violations) - 5} more in results.json")
+        mw = self.stats.get("minimal_witnesses") or {}
+        if mw.get("per_invariant"):
+            done = sum(s["minimised"] for s in mw["per_invariant"].values())
+            sizes = [len(v.minimal_witness.get("ops") or ()) for v in self.violations
+                     if v.minimal_witness and v.minimal_witness.get("reproduced")]
+            lines.append(f"  minimal witnesses: {done} violations searched in {mw['seconds']} s"
+                         f" ({len(sizes)} found, {min(sizes, default=0)}-"
+                         f"{max(sizes, default=0)} operations each; results.json)"
+                         + (f"; {mw['stopped']}" if mw.get("stopped") else ""))
         return "\n".join(lines)
 
 
