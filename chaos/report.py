@@ -569,7 +569,7 @@ def _render_markdown(ctx: RunFrames, plots: list[_Plot]) -> str:
     if witnesses:
         L += ["## Minimal witnesses", "", intro, ""]
         for title, rows in witnesses:
-            L += [f"**{_md_cell(title)}**", ""]
+            L += [f"### {_md_cell(title)}", ""]
             if rows:
                 L += _md_table(_WITNESS_HEADER, rows)
             L.append("")

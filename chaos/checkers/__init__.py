@@ -98,7 +98,7 @@ class Verdict:
             done = sum(s["minimised"] for s in mw["per_invariant"].values())
             sizes = [len(v.minimal_witness.get("ops") or ()) for v in self.violations
                      if v.minimal_witness and v.minimal_witness.get("reproduced")]
-            lines.append(f"  minimal witnesses: {done} violations searched in {mw['seconds']} s"
+            lines.append(f"  minimal witnesses: {done} violations searched"
                          f" ({len(sizes)} found, {min(sizes, default=0)}-"
                          f"{max(sizes, default=0)} operations each; results.json)"
                          + (f"; {mw['stopped']}" if mw.get("stopped") else ""))

@@ -1100,14 +1100,15 @@ def _empty_facts(run_dir: Path, meta: dict[str, Any]) -> Facts:
 
 def facts_of_lines(run_dir: Path, meta: dict[str, Any], lines: Iterable[bytes],
                    orders: list[LedgerOrder]) -> Facts:
-    """The facts of some history lines (each a whole JSON line, in time order) and ledger
-    orders, as :func:`gather` would find them in a run directory holding only those: the
-    witness minimiser (chaos.checkers.minimize) judges subsets of a history this way.
-    Lines are decoded afresh on every call (the scan fills in the records it decodes)."""
+    """The facts of some history lines (blocks of whole JSON lines, each ending in a
+    newline) and ledger orders, as :func:`gather` would find them in a run directory
+    holding only those: the witness minimiser (chaos.checkers.minimize) judges subsets of
+    a history this way. Lines are decoded afresh on every call (the scan fills in the
+    records it decodes)."""
     facts = _empty_facts(run_dir, meta)
     facts.orders = orders
     scanner = _Scanner()
-    block = b"".join(ln if ln.endswith(b"\n") else ln + b"\n" for ln in lines)
+    block = b"".join(lines)
     if block:
         try:
             scanner.add(_Decoders().decode(block))

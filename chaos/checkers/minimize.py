@@ -71,8 +71,9 @@ LEVELS = ("named plans", "symbol up to its time", "history up to its time")
 class MinimizeOptions:
     """Bounds of the search; the defaults keep ``chaos check`` within seconds."""
 
-    violation_budget_s: float = 2.0
-    budget_s: float = 20.0
+    max_tests: int = 2000  # checker runs per violation: the bound that decides, anywhere
+    violation_budget_s: float = 5.0  # a safety net on a slow machine
+    budget_s: float = 30.0
     per_invariant: int = 5
     scan_ops: int = 200_000  # the widest candidates only on histories up to this long
 
@@ -159,7 +160,7 @@ def _select(run_dir: Path, pattern: re.Pattern[bytes],
                 before += block.count(b"\n", pos, start)
                 pos = start
                 it = _history_item(f"{name}:{base + before + 1}",
-                                   block[start:block.find(b"\n", start)])
+                                   block[start:block.find(b"\n", start) + 1])
                 if it is not None and keep(it):
                     out.append(it)
             base += block.count(b"\n")
@@ -212,6 +213,7 @@ class WitnessSearch:
         self.window_cut = bool(window.get("cuts_start")) if isinstance(window, dict) else False
         self.context = sorted(_select(self.run_dir, _CONTEXT, lambda it: it.f in CONTEXT_F),
                               key=lambda it: it.sort_key)
+        self._context_block = b"".join(it.line for it in self.context)  # type: ignore[misc]
         self._by_key: dict[str, list[_Item]] = {}
         self._orders = [] if self.derived else [_order_item(o) for o in facts.orders]
         self._everything: list[_Item] | None = None
@@ -239,8 +241,8 @@ class WitnessSearch:
         """The candidates at ``level`` (LEVELS), or None when that level is not searched."""
         named = _named(v)
         self.load_named(named)
-        out = {id(it): it for k in sorted(named) for it in self._by_key.get(k, ())}
-        out.update((id(it), it) for it in self._orders if it.key in named)
+        out = {it.ref: it for k in sorted(named) for it in self._by_key.get(k, ())}
+        out.update((it.ref, it) for it in self._orders if it.key in named)
         if level >= 1:
             if level == 1 and not isinstance(v.symbol, str):
                 return None
@@ -248,7 +250,8 @@ class WitnessSearch:
                 return None
             extra = self._symbol_items(v.symbol) if level == 1 else self._all_items()
             extra += [it for it in self._orders if level == 2 or it.symbol == v.symbol]
-            out.update((id(it), it) for it in extra if it.wall_ms <= v.wall_ms)
+            out.update((it.ref, it) for it in extra if it.wall_ms <= v.wall_ms and
+                       it.ref not in out)
         return sorted(out.values(), key=lambda it: it.sort_key)
 
     def _symbol_items(self, symbol: str) -> list[_Item]:
@@ -265,15 +268,15 @@ class WitnessSearch:
 
     # -- the oracle --------------------------------------------------------------------------
     def facts_of(self, items: Sequence[_Item]) -> Facts:
-        """The facts of the context and ``items`` alone, as ``gather`` would find them."""
-        hist = sorted((it for it in items if it.line is not None), key=lambda it: it.sort_key)
-        lines = [it.line for it in self.context] + [it.line for it in hist]
+        """The facts of the context and ``items`` alone (in ``sort_key`` order: history
+        lines, then ledger orders), as ``gather`` would find them."""
+        hist = [it for it in items if it.line is not None]
+        block = self._context_block + b"".join([it.line for it in hist])  # type: ignore[misc]
         if self.derived:
             orders = self._derive(hist)
         else:
-            orders = [it.order for it in sorted((it for it in items if it.order is not None),
-                                                key=lambda it: it.sort_key)]
-        return facts_of_lines(self.nowhere, self.meta, lines, orders)  # type: ignore[arg-type]
+            orders = [it.order for it in items if it.order is not None]
+        return facts_of_lines(self.nowhere, self.meta, (block,), orders)  # type: ignore[arg-type]
 
     def _derive(self, hist: list[_Item]) -> list[LedgerOrder]:
         """An import's ledger, derived from the executed results among ``hist`` as the
@@ -309,11 +312,17 @@ OPTIONS_DEFAULT = MinimizeOptions()
 
 
 def ddmin(n_items: int, test: Callable[[list[int]], bool], deadline: float,
-          groups: list[list[int]] | None = None) -> tuple[list[int], bool]:
+          groups: list[list[int]] | None = None,
+          max_tests: int | None = None, sweep_above: int = 64) -> tuple[list[int], bool]:
     """Zeller's ddmin over ``range(n_items)`` (``test(subset)`` True: still failing; the
     whole set must fail). With ``groups`` it first runs over the groups (each removed
-    whole), then over the single items left. Returns the set found and whether it was
-    finished (1-minimal as far as ddmin's last round tested) before ``deadline``."""
+    whole), then over the single items left. Over more than ``sweep_above`` units a
+    linear sweep (each unit removed in turn, once) comes first, and ddmin only if that
+    left at most ``sweep_above``: ddmin is quick when the failure needs a few units and
+    slow (many more tests than units) when it needs many. Returns the set found and whether it was
+    finished (1-minimal as far as ddmin's last round tested) before ``deadline`` and
+    within ``max_tests`` calls of ``test`` (a bound that, unlike the deadline, gives the
+    same answer on any machine)."""
     cache: dict[tuple[int, ...], bool] = {}
 
     def t(xs: list[int]) -> bool:
@@ -322,22 +331,28 @@ def ddmin(n_items: int, test: Callable[[list[int]], bool], deadline: float,
             cache[k] = test(xs)
         return cache[k]
 
+    def spent() -> bool:
+        return time.perf_counter() > deadline or (max_tests is not None
+                                                  and len(cache) >= max_tests)
+
     def run(units: list[list[int]]) -> tuple[list[list[int]], bool]:
         n = 2
         while len(units) >= 2:
-            if time.perf_counter() > deadline:
+            if spent():
                 return units, False
             size = len(units)
             chunks = [units[i * size // n:(i + 1) * size // n] for i in range(n)]
             found = False
             for c in chunks:  # a subset that still fails
+                if spent():
+                    return units, False
                 if len(c) < size and t(sorted(x for u in c for x in u)):
                     units, n, found = c, 2, True
                     break
             if not found:
                 for i in range(n):  # a complement that still fails
                     rest = [u for j, c in enumerate(chunks) if j != i for u in c]
-                    if time.perf_counter() > deadline:
+                    if spent():
                         return units, False
                     if t(sorted(x for u in rest for x in u)):
                         units, n, found = rest, max(n - 1, 2), True
@@ -348,10 +363,31 @@ def ddmin(n_items: int, test: Callable[[list[int]], bool], deadline: float,
                 n = min(2 * n, size)
         return units, True
 
-    units = groups if groups is not None else [[i] for i in range(n_items)]
-    units, done = run(units)
+    def sweep(units: list[list[int]]) -> tuple[list[list[int]], bool]:
+        """One pass removing each unit in turn when the rest still fails: ``len(units)``
+        tests, where ddmin needs many more once the failure needs many units (a capital
+        total is the sum of every position open then)."""
+        i = 0
+        while i < len(units):
+            if spent():
+                return units, False
+            rest = units[:i] + units[i + 1:]
+            if rest and t(sorted(x for u in rest for x in u)):
+                units = rest
+            else:
+                i += 1
+        return units, True
+
+    def minimise(units: list[list[int]]) -> tuple[list[list[int]], bool]:
+        if len(units) > sweep_above:
+            units, done = sweep(units)
+            if not done or len(units) > sweep_above:
+                return units, done
+        return run(units)
+
+    units, done = minimise(groups if groups is not None else [[i] for i in range(n_items)])
     if groups is not None and done:
-        units, done = run([[x] for u in units for x in u])
+        units, done = minimise([[x] for u in units for x in u])
     return sorted(x for u in units for x in u), done
 
 
@@ -364,12 +400,12 @@ class _Found:
     finished: bool
     one_minimal: bool
     tests: int
-    seconds: float
     note: str = ""
 
 
-def _search(ws: WitnessSearch, v: Violation, deadline: float) -> _Found | None:
-    t0, tests0 = time.perf_counter(), ws.tests
+def _search(ws: WitnessSearch, v: Violation, deadline: float,
+            max_tests: int | None = None) -> _Found | None:
+    tests0 = ws.tests
     for tier in TIERS:
         for level, level_name in enumerate(LEVELS):
             if time.perf_counter() > deadline:
@@ -382,7 +418,7 @@ def _search(ws: WitnessSearch, v: Violation, deadline: float) -> _Found | None:
                 k = it.key if isinstance(it.key, str) and it.key else ("#", i)
                 groups.setdefault(k, []).append(i)
             keep, finished = ddmin(len(cands), lambda xs, c=cands, tier=tier: ws.shows(
-                v, tier, [c[i] for i in xs]), deadline, list(groups.values()))
+                v, tier, [c[i] for i in xs]), deadline, list(groups.values()), max_tests)
             items = [cands[i] for i in keep]
             # 1-minimal: dropping any one operation must make the violation disappear
             # (tested here, each removal, whatever ddmin's last round covered).
@@ -390,9 +426,11 @@ def _search(ws: WitnessSearch, v: Violation, deadline: float) -> _Found | None:
             if finished and len(items) <= 200:
                 one_minimal = all(not ws.shows(v, tier, items[:i] + items[i + 1:])
                                   for i in range(len(items)))
-            note = "" if finished else "time budget reached: the smallest set found so far"
+            note = "" if finished else (
+                "time budget reached" if time.perf_counter() > deadline else
+                f"{max_tests} checker runs reached") + ": the smallest set found so far"
             return _Found(items, tier, level_name, len(cands), finished, one_minimal,
-                          ws.tests - tests0, time.perf_counter() - t0, note)
+                          ws.tests - tests0, note)
     return None
 
 
@@ -460,26 +498,28 @@ def minimize(facts: Facts, violations: Sequence[Violation],
                 stopped = "run budget reached"
                 break
             assert ws is not None
-            found = _search(ws, v, min(now + options.violation_budget_s, run_deadline))
-            out[i] = _witness(ws, found, t0_ms or facts.first_ms or 0,
-                              time.perf_counter() - now)
+            found = _search(ws, v, min(now + options.violation_budget_s, run_deadline),
+                            options.max_tests)
+            out[i] = _witness(found, t0_ms or facts.first_ms or 0)
             per_inv[v.invariant]["minimised"] += 1
     finally:
         if was:
             gc.enable()
     for s in per_inv.values():
         s["left"] = s["violations"] - s["minimised"]
-    summary = {"per_invariant": per_inv, "seconds": round(time.perf_counter() - started, 3),
-               "violation_budget_s": options.violation_budget_s, "budget_s": options.budget_s,
+    summary = {"per_invariant": per_inv, "max_tests": options.max_tests,
+               "violation_budget_s": options.violation_budget_s,
+               "budget_s": options.budget_s,
                "per_invariant_cap": options.per_invariant, "stopped": stopped or None,
                "context": _context_names(ws) if chosen and ws is not None else []}
     return out, summary
 
 
-def _witness(ws: WitnessSearch, found: _Found | None, t0_ms: int,
-             seconds: float) -> dict[str, Any]:
+def _witness(found: _Found | None, t0_ms: int) -> dict[str, Any]:
+    """The witness as results.json keeps it (no timings: the same history gives the same
+    witness; the time spent is in ``stats.check_seconds``)."""
     if found is None:
-        return {"reproduced": False, "ops": [], "size": 0, "seconds": round(seconds, 3),
+        return {"reproduced": False, "ops": [], "size": 0,
                 "note": "no candidate set searched shows this violation again (or the time "
                         "budget ran out first)"}
     ops = [_what(it) for it in sorted(found.items, key=lambda it: (_what(it)["ms"],
@@ -488,20 +528,20 @@ def _witness(ws: WitnessSearch, found: _Found | None, t0_ms: int,
         op["t"] = round((op["ms"] - t0_ms) / 1000, 3) if t0_ms else None
     return {"reproduced": True, "ops": ops, "size": len(ops), "candidates": found.candidates,
             "searched": found.level, "match": found.tier, "one_minimal": found.one_minimal,
-            "finished": found.finished, "tests": found.tests,
-            "seconds": round(seconds, 3), "note": found.note}
+            "finished": found.finished, "tests": found.tests, "note": found.note}
 
 
 def minimize_verdict(verdict: Any, options: MinimizeOptions = OPTIONS_DEFAULT) -> None:
     """Attach a ``minimal_witness`` to the violations of ``verdict`` (its facts kept) and
     the summary to ``verdict.stats["minimal_witnesses"]``."""
+    started = time.perf_counter()
     facts = verdict.facts
     if facts is None:
         return
     flat = [(name, j, v) for name, r in verdict.results.items()
             for j, v in enumerate(r.violations)]
     if not flat:
-        verdict.stats["minimal_witnesses"] = {"per_invariant": {}, "seconds": 0.0}
+        verdict.stats["minimal_witnesses"] = {"per_invariant": {}}
         return
     t0 = verdict.stats.get("workload_start_ms") or facts.first_ms
     found, summary = minimize(facts, [v for _n, _j, v in flat], options, t0)
@@ -509,6 +549,9 @@ def minimize_verdict(verdict: Any, options: MinimizeOptions = OPTIONS_DEFAULT) -
         name, j, v = flat[k]
         verdict.results[name].violations[j] = replace(v, minimal_witness=w)
     verdict.stats["minimal_witnesses"] = summary
+    if "check_seconds" in verdict.stats:  # the whole check, the search included
+        verdict.stats["check_seconds"] = round(verdict.stats["check_seconds"]
+                                               + time.perf_counter() - started, 3)
 
 
 # -- re-checking a witness -----------------------------------------------------------------
@@ -528,7 +571,8 @@ def witness_items(run_dir: str | Path, refs: Iterable[str]) -> list[_Item]:
         with open(run_dir / name, "rb") as fh:
             for n, line in enumerate(fh, 1):
                 if n in wanted:
-                    it = _history_item(wanted[n], line.rstrip(b"\n"))
+                    it = _history_item(wanted[n], line if line.endswith(b"\n")
+                                       else line + b"\n")
                     if it is not None:
                         out.append(it)
     if seqs:
@@ -562,7 +606,7 @@ def write_witness_run(run_dir: str | Path, refs: Iterable[str], out: str | Path)
     items = witness_items(run_dir, refs)
     hist = sorted(ws.context + [it for it in items if it.line is not None],
                   key=lambda it: it.sort_key)
-    (out / HISTORY_DIR / "witness.jsonl").write_bytes(b"".join(it.line + b"\n" for it in hist
+    (out / HISTORY_DIR / "witness.jsonl").write_bytes(b"".join(it.line for it in hist
                                                               if it.line is not None))
     from chaos.exchange import Exchange
 
