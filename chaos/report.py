@@ -447,7 +447,7 @@ def _witness_section(ctx: RunFrames) -> tuple[str, list[tuple[str, list[list[str
     for n, (v, w) in enumerate(ctx.witnesses, 1):
         msg = _humanize(v.message, ctx.t0_ms)
         if not w.get("reproduced"):
-            out.append((f"{n}. [{v.invariant}] {msg}: not found again ({w.get('note', '')})",
+            out.append((f"{n}. [{v.invariant}] {msg}: {w.get('note', 'not shown again')}",
                         []))
             continue
         how = (f"{w['size']} of {w.get('candidates')} candidate operations ({w.get('searched')}"

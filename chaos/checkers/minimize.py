@@ -46,6 +46,7 @@ import json
 import re
 import sqlite3
 import time
+from bisect import bisect_right
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -71,11 +72,14 @@ LEVELS = ("named plans", "symbol up to its time", "history up to its time")
 class MinimizeOptions:
     """Bounds of the search; the defaults keep ``chaos check`` within seconds."""
 
-    max_tests: int = 2000  # checker runs per violation: the bound that decides, anywhere
-    violation_budget_s: float = 5.0  # a safety net on a slow machine
-    budget_s: float = 30.0
+    # Operations judged per violation, summed over the checker runs: the bound that stops
+    # a search, the same on any machine (about 1 s of checking per 10^6 here).
+    max_work: int = 2_000_000
+    violation_budget_s: float = 3.0  # a safety net on a slow or loaded machine
+    budget_s: float = 15.0
     per_invariant: int = 5
-    scan_ops: int = 200_000  # the widest candidates only on histories up to this long
+    scan_ops: int = 200_000  # the widest candidates only on histories up to this long...
+    max_candidates: int = 5_000  # ... and only when they are at most this many
 
 
 @dataclass(slots=True)
@@ -202,63 +206,114 @@ class WitnessSearch:
     the violations name, read in one pass); wider candidates are read when a violation
     needs them."""
 
-    def __init__(self, facts: Facts, scan_ops: int = 200_000) -> None:
+    def __init__(self, facts: Facts, options: MinimizeOptions | None = None,
+                 named: Iterable[str] = ()) -> None:
         self.facts = facts
-        self.scan_ops = scan_ops
+        self.options = options or MinimizeOptions()
         self.run_dir = Path(facts.run_dir)
         self.meta = facts.meta
         led = self.meta.get("ledger")
         self.derived = isinstance(led, dict) and led.get("derived_from") == "apply.result"
         window = self.meta.get("window")
         self.window_cut = bool(window.get("cuts_start")) if isinstance(window, dict) else False
-        self.context = sorted(_select(self.run_dir, _CONTEXT, lambda it: it.f in CONTEXT_F),
-                              key=lambda it: it.sort_key)
-        self._context_block = b"".join(it.line for it in self.context)  # type: ignore[misc]
         self._by_key: dict[str, list[_Item]] = {}
-        self._orders = [] if self.derived else [_order_item(o) for o in facts.orders]
+        # ledger orders as candidates (a recorded run; an import's ledger is derived), by
+        # plan and by symbol, made only for the plans and symbols searched
+        self._orders_of: dict[str, list[_Item]] = {}
         self._everything: list[_Item] | None = None
         self._symbols: dict[Any, list[_Item]] = {}
+        self.symbols: set[str] = set()  # the symbols of the violations to be searched
+        self._times: list[int] | None = None
         # judged on a directory that is not there: no checker reads the history again
         self.nowhere = self.run_dir / "\x00witness"
         self.tests = 0
+        self.context: list[_Item] = []
+        self.load_named(named, context=True)
+        self.context.sort(key=lambda it: it.sort_key)
+        self._context_block = b"".join(it.line for it in self.context)  # type: ignore[misc]
 
     # -- candidates --------------------------------------------------------------------------
-    def load_named(self, keys: Iterable[str]) -> None:
-        """Read the history lines of these plans (one pass for every violation at once)."""
+    def load_named(self, keys: Iterable[str], context: bool = False) -> None:
+        """Read the history lines of these plans (one pass for every violation at once;
+        with ``context``, the context operations in the same pass)."""
         want = sorted(set(keys) - self._by_key.keys())
-        if not want:
+        if not want and not context:
             return
         for k in want:
             self._by_key[k] = []
         wanted = set(want)
-        for i in range(0, len(want), 2000):  # a regex of a few thousand words at most
-            pat = re.compile(_alternation("key", want[i:i + 2000]))
-            for it in _select(self.run_dir, pat,
-                              lambda it: _is_candidate(it) and it.key in wanted):
-                self._by_key[it.key].append(it)
+        if not self.derived and want:
+            for o in self.facts.orders:
+                if o.plan_id in wanted:
+                    self._orders_of.setdefault(o.plan_id, []).append(_order_item(o))
+        for i in range(0, max(len(want), 1), 2000):  # a regex of a few thousand words at most
+            words = [_alternation("key", want[i:i + 2000])] if want else []
+            if context and i == 0:
+                words.append(_CONTEXT.pattern)
+            for it in _select(self.run_dir, re.compile(b"|".join(words)),
+                              lambda it: _is_candidate(it) and it.key in wanted
+                              or context and it.f in CONTEXT_F):
+                if it.f in CONTEXT_F:
+                    self.context.append(it)
+                else:
+                    self._by_key[it.key].append(it)
 
-    def candidates(self, v: Violation, level: int) -> list[_Item] | None:
-        """The candidates at ``level`` (LEVELS), or None when that level is not searched."""
+    def candidates(self, v: Violation, level: int) -> tuple[list[_Item] | None, str]:
+        """The candidates at ``level`` (LEVELS), or None and why that level is not searched."""
         named = _named(v)
         self.load_named(named)
         out = {it.ref: it for k in sorted(named) for it in self._by_key.get(k, ())}
-        out.update((it.ref, it) for it in self._orders if it.key in named)
+        out.update((it.ref, it) for k in sorted(named) for it in self._orders_of.get(k, ()))
+        if level == 1 and not isinstance(v.symbol, str):
+            return None, "no symbol"
+        if level >= 1 and self.facts.ops > self.options.scan_ops:
+            return None, f"history longer than {self.options.scan_ops} operations"
+        if level == 2 and (about := self._about_before(v.wall_ms)) > \
+                self.options.max_candidates:
+            return None, f"about {about} candidates, more than {self.options.max_candidates}"
         if level >= 1:
-            if level == 1 and not isinstance(v.symbol, str):
-                return None
-            if level == 2 and self.facts.ops > self.scan_ops:
-                return None
             extra = self._symbol_items(v.symbol) if level == 1 else self._all_items()
-            extra += [it for it in self._orders if level == 2 or it.symbol == v.symbol]
+            if not self.derived:
+                extra += ([_order_item(o) for o in self.facts.orders] if level == 2 else
+                          self._orders_of.get(f"\x00{v.symbol}", []))
             out.update((it.ref, it) for it in extra if it.wall_ms <= v.wall_ms and
                        it.ref not in out)
-        return sorted(out.values(), key=lambda it: it.sort_key)
+            if len(out) > self.options.max_candidates:
+                return None, (f"{len(out)} candidates, more than "
+                              f"{self.options.max_candidates}")
+        return sorted(out.values(), key=lambda it: it.sort_key), ""
+
+    def _about_before(self, ms: int) -> int:
+        """About how many candidates there are up to ``ms``, from the facts (a submit's
+        invoke and completion, plan entries, decisions, results, orders): the widest
+        search is skipped, unread, when it would be too wide anyway."""
+        if self._times is None:
+            f = self.facts
+            ts = [d.entry_ms for ds in f.decisions.values() for d in ds]
+            ts += [s.wall_ms for s in f.submits.values()] * 2
+            ts += [p.entry_ms for p in f.plans.values()]
+            ts += f.executed_ms
+            ts += [ms for rs in f.aborts.values() for ms, _status in rs]
+            if not self.derived:
+                ts += [o.wall_ms for o in f.orders]
+            self._times = sorted(ts)
+        return bisect_right(self._times, ms)
 
     def _symbol_items(self, symbol: str) -> list[_Item]:
         if symbol not in self._symbols:
-            pat = re.compile(_alternation("symbol", [symbol]))
-            self._symbols[symbol] = _select(self.run_dir, pat, lambda it: _is_candidate(it)
-                                            and it.symbol == symbol)
+            # every symbol a search may want, read in one pass
+            want = {symbol} | (self.symbols - self._symbols.keys())
+            for sym in want:
+                self._symbols[sym] = []
+            pat = re.compile(_alternation("symbol", want))
+            for it in _select(self.run_dir, pat, lambda it: _is_candidate(it)
+                              and it.symbol in want):
+                self._symbols[it.symbol].append(it)
+            if not self.derived:  # keyed apart from plan ids by a leading NUL
+                for o in self.facts.orders:
+                    if o.symbol in want:
+                        self._orders_of.setdefault(f"\x00{o.symbol}", []).append(
+                            _order_item(o))
         return list(self._symbols[symbol])
 
     def _all_items(self) -> list[_Item]:
@@ -313,7 +368,7 @@ OPTIONS_DEFAULT = MinimizeOptions()
 
 def ddmin(n_items: int, test: Callable[[list[int]], bool], deadline: float,
           groups: list[list[int]] | None = None,
-          max_tests: int | None = None, sweep_above: int = 64) -> tuple[list[int], bool]:
+          max_work: int | None = None, sweep_above: int = 64) -> tuple[list[int], bool]:
     """Zeller's ddmin over ``range(n_items)`` (``test(subset)`` True: still failing; the
     whole set must fail). With ``groups`` it first runs over the groups (each removed
     whole), then over the single items left. Over more than ``sweep_above`` units a
@@ -321,19 +376,21 @@ def ddmin(n_items: int, test: Callable[[list[int]], bool], deadline: float,
     left at most ``sweep_above``: ddmin is quick when the failure needs a few units and
     slow (many more tests than units) when it needs many. Returns the set found and whether it was
     finished (1-minimal as far as ddmin's last round tested) before ``deadline`` and
-    within ``max_tests`` calls of ``test`` (a bound that, unlike the deadline, gives the
-    same answer on any machine)."""
+    within ``max_work`` items tested, summed over the calls of ``test`` (a bound that,
+    unlike the deadline, gives the same answer on any machine)."""
     cache: dict[tuple[int, ...], bool] = {}
+    work = [0]
 
     def t(xs: list[int]) -> bool:
         k = tuple(xs)
         if k not in cache:
+            work[0] += len(xs)
             cache[k] = test(xs)
         return cache[k]
 
     def spent() -> bool:
-        return time.perf_counter() > deadline or (max_tests is not None
-                                                  and len(cache) >= max_tests)
+        return time.perf_counter() > deadline or (max_work is not None
+                                                  and work[0] >= max_work)
 
     def run(units: list[list[int]]) -> tuple[list[list[int]], bool]:
         n = 2
@@ -404,21 +461,34 @@ class _Found:
 
 
 def _search(ws: WitnessSearch, v: Violation, deadline: float,
-            max_tests: int | None = None) -> _Found | None:
+            max_work: int | None = None) -> _Found:
+    """The smallest set found for ``v``: the strictest match first, over the narrowest
+    candidates that show it. Without one, ``_Found`` with no items and a note of what was
+    tried."""
     tests0 = ws.tests
+    levels: dict[int, tuple[list[_Item] | None, str]] = {}
+    tried: list[str] = []
     for tier in TIERS:
         for level, level_name in enumerate(LEVELS):
             if time.perf_counter() > deadline:
-                return None
-            cands = ws.candidates(v, level)
-            if cands is None or not cands or not ws.shows(v, tier, cands):
+                tried.append("time budget reached")
+                return _Found([], tier, "", 0, False, False, ws.tests - tests0,
+                              "; ".join(dict.fromkeys(tried)))
+            if level not in levels:
+                levels[level] = ws.candidates(v, level)
+            cands, why = levels[level]
+            if cands is None:
+                tried.append(f"{level_name}: skipped ({why})")
+                continue
+            if not cands or not ws.shows(v, tier, cands):
+                tried.append(f"{level_name}: does not show it ({tier})")
                 continue
             groups: dict[Any, list[int]] = {}
             for i, it in enumerate(cands):
                 k = it.key if isinstance(it.key, str) and it.key else ("#", i)
                 groups.setdefault(k, []).append(i)
             keep, finished = ddmin(len(cands), lambda xs, c=cands, tier=tier: ws.shows(
-                v, tier, [c[i] for i in xs]), deadline, list(groups.values()), max_tests)
+                v, tier, [c[i] for i in xs]), deadline, list(groups.values()), max_work)
             items = [cands[i] for i in keep]
             # 1-minimal: dropping any one operation must make the violation disappear
             # (tested here, each removal, whatever ddmin's last round covered).
@@ -428,10 +498,11 @@ def _search(ws: WitnessSearch, v: Violation, deadline: float,
                                   for i in range(len(items)))
             note = "" if finished else (
                 "time budget reached" if time.perf_counter() > deadline else
-                f"{max_tests} checker runs reached") + ": the smallest set found so far"
+                f"{max_work} operations judged") + ": the smallest set found so far"
             return _Found(items, tier, level_name, len(cands), finished, one_minimal,
                           ws.tests - tests0, note)
-    return None
+    return _Found([], "", "", 0, True, False, ws.tests - tests0,
+                  "; ".join(dict.fromkeys(tried)))
 
 
 def _what(it: _Item) -> dict[str, Any]:
@@ -488,9 +559,10 @@ def minimize(facts: Facts, violations: Sequence[Violation],
     was = gc.isenabled()
     gc.disable()  # many small short-lived facts, no cycles among them
     try:
-        ws = WitnessSearch(facts, options.scan_ops) if chosen else None
+        ws = WitnessSearch(facts, options, (k for i in chosen for k in _named(
+            violations[i]))) if chosen else None
         if ws is not None:
-            ws.load_named(k for i in chosen for k in _named(violations[i]))
+            ws.symbols = {s for i in chosen if isinstance(s := violations[i].symbol, str)}
         for i in chosen:
             v = violations[i]
             now = time.perf_counter()
@@ -499,7 +571,7 @@ def minimize(facts: Facts, violations: Sequence[Violation],
                 break
             assert ws is not None
             found = _search(ws, v, min(now + options.violation_budget_s, run_deadline),
-                            options.max_tests)
+                            options.max_work)
             out[i] = _witness(found, t0_ms or facts.first_ms or 0)
             per_inv[v.invariant]["minimised"] += 1
     finally:
@@ -507,7 +579,7 @@ def minimize(facts: Facts, violations: Sequence[Violation],
             gc.enable()
     for s in per_inv.values():
         s["left"] = s["violations"] - s["minimised"]
-    summary = {"per_invariant": per_inv, "max_tests": options.max_tests,
+    summary = {"per_invariant": per_inv, "max_work": options.max_work,
                "violation_budget_s": options.violation_budget_s,
                "budget_s": options.budget_s,
                "per_invariant_cap": options.per_invariant, "stopped": stopped or None,
@@ -515,13 +587,12 @@ def minimize(facts: Facts, violations: Sequence[Violation],
     return out, summary
 
 
-def _witness(found: _Found | None, t0_ms: int) -> dict[str, Any]:
+def _witness(found: _Found, t0_ms: int) -> dict[str, Any]:
     """The witness as results.json keeps it (no timings: the same history gives the same
     witness; the time spent is in ``stats.check_seconds``)."""
-    if found is None:
-        return {"reproduced": False, "ops": [], "size": 0,
-                "note": "no candidate set searched shows this violation again (or the time "
-                        "budget ran out first)"}
+    if not found.items:
+        return {"reproduced": False, "ops": [], "size": 0, "tests": found.tests,
+                "note": "not shown again: " + found.note}
     ops = [_what(it) for it in sorted(found.items, key=lambda it: (_what(it)["ms"],
                                                                    it.sort_key))]
     for op in ops:
