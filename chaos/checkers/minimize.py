@@ -467,21 +467,20 @@ def _search(ws: WitnessSearch, v: Violation, deadline: float,
     tried."""
     tests0 = ws.tests
     levels: dict[int, tuple[list[_Item] | None, str]] = {}
-    tried: list[str] = []
+    tried: dict[str, str] = {}  # per level, what came of it
     for tier in TIERS:
         for level, level_name in enumerate(LEVELS):
             if time.perf_counter() > deadline:
-                tried.append("time budget reached")
-                return _Found([], tier, "", 0, False, False, ws.tests - tests0,
-                              "; ".join(dict.fromkeys(tried)))
+                tried["time budget"] = "reached"
+                return _Found([], tier, "", 0, False, False, ws.tests - tests0, _tried(tried))
             if level not in levels:
                 levels[level] = ws.candidates(v, level)
             cands, why = levels[level]
             if cands is None:
-                tried.append(f"{level_name}: skipped ({why})")
+                tried[level_name] = f"not searched ({why})"
                 continue
             if not cands or not ws.shows(v, tier, cands):
-                tried.append(f"{level_name}: does not show it ({tier})")
+                tried[level_name] = "do not show it"
                 continue
             groups: dict[Any, list[int]] = {}
             for i, it in enumerate(cands):
@@ -501,8 +500,11 @@ def _search(ws: WitnessSearch, v: Violation, deadline: float,
                 f"{max_work} operations judged") + ": the smallest set found so far"
             return _Found(items, tier, level_name, len(cands), finished, one_minimal,
                           ws.tests - tests0, note)
-    return _Found([], "", "", 0, True, False, ws.tests - tests0,
-                  "; ".join(dict.fromkeys(tried)))
+    return _Found([], "", "", 0, True, False, ws.tests - tests0, _tried(tried))
+
+
+def _tried(tried: dict[str, str]) -> str:
+    return "; ".join(f"{k}: {x}" for k, x in tried.items())
 
 
 def _what(it: _Item) -> dict[str, Any]:
