@@ -528,8 +528,10 @@ def _what(it: _Item) -> dict[str, Any]:
     elif it.f == "probe":
         outcome = str(v.get("decision") or it.type)
         detail = str(v.get("probe") or "")
-    elif it.f == "submit" and it.type == "invoke" and plan.get("intent_created_at_ms"):
-        detail = f"intent created {plan['intent_created_at_ms']}"
+    created = (plan if it.f == "submit" and it.type == "invoke" else v if it.f == "plan"
+               else {}).get("intent_created_at_ms")
+    if created is not None:
+        detail = f"intent created at {created}"  # as seconds since time 0 in ``_witness``
     return {"ref": it.ref, "ms": ms, "f": it.f, "type": it.type,
             "plan_id": it.key if isinstance(it.key, str) else None,
             "symbol": it.symbol if isinstance(it.symbol, str) else v.get("symbol"),
@@ -599,6 +601,9 @@ def _witness(found: _Found, t0_ms: int) -> dict[str, Any]:
                                                                    it.sort_key))]
     for op in ops:
         op["t"] = round((op["ms"] - t0_ms) / 1000, 3) if t0_ms else None
+        created = op["detail"].removeprefix("intent created at ")
+        if t0_ms and created != op["detail"] and created.isdigit():
+            op["detail"] = f"intent created at t={(int(created) - t0_ms) / 1000:+.3f} s"
     return {"reproduced": True, "ops": ops, "size": len(ops), "candidates": found.candidates,
             "searched": found.level, "match": found.tier, "one_minimal": found.one_minimal,
             "finished": found.finished, "tests": found.tests, "note": found.note}
