@@ -17,11 +17,12 @@ kept and reported as ``match``):
 Candidates, widest last (``searched``), each tried only when the narrower ones do not show
 the violation: the operations of the plans the violation names (its plans and every plan
 in its events; their ledger orders), then also every operation on its symbol up to its
-time, then every operation up to its time (only on histories of at most ``scan_ops``
-operations). The operations whose meaning is a bound rather than an event (``operator``:
-config, regime, capital; ``phase``: heal, cutoff, probe) are context: always kept, never
-minimised, listed apart, so that no witness is a violation only because a cut-off or a
-regime flip was dropped. Faults and governor process events never change a verdict and
+time, then every operation up to its time (the two wider ones only on histories of at
+most ``scan_ops`` operations, the widest only with at most ``max_candidates``). The
+operations whose meaning is a bound rather than an event (``operator``: config, regime,
+capital; ``phase``: heal, cutoff, probe) are context: always kept, never minimised,
+listed apart, so that no witness is a violation only because a cut-off or a regime flip
+was dropped. Faults and governor process events never change a verdict and
 are left out.
 
 For a recorded run the ledger (the exchange's own record) is ground truth: its orders are
@@ -31,10 +32,12 @@ results (chaos.importer.replay_results), so it is derived again from each subset
 double close needs the opening result and both closes.
 
 ddmin runs over plans first (a plan's operations removed together), then over single
-operations; each subset is judged once (cached). ``one_minimal`` is True only when
-removing any single operation of the witness was tested and made the violation disappear.
-Each violation has a time budget (``violation_budget_s``) and the run one
-(``budget_s``); a search cut short keeps the smallest set found so far and says so. At most
+operations, after a linear sweep when there are more than 64 of them; each subset is
+judged once (cached). ``one_minimal`` is True only when removing any single operation of
+the witness was tested and made the violation disappear. A search stops at ``max_work``
+operations judged (the same on any machine) or, as a safety net, at its time budget
+(``violation_budget_s``, and ``budget_s`` for the run); cut short, it keeps the smallest
+set found so far and says so. At most
 ``per_invariant`` violations of each invariant are minimised (the first in time order);
 the others are counted (``left``).
 """
