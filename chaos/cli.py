@@ -57,6 +57,16 @@ def _parser() -> argparse.ArgumentParser:
     chk.add_argument("run_dir", type=Path)
     rep = sub.add_parser("report", help="write report.md, report.html and plots for a run")
     rep.add_argument("run_dir", type=Path)
+    for sp in (chk, rep):
+        sp.add_argument("--no-minimize", action="store_true",
+                       help="do not search each violation's minimal witness")
+        sp.add_argument("--witness-budget-s", type=float, default=2.0, metavar="S",
+                       help="time for each violation's minimal witness (default 2)")
+        sp.add_argument("--witness-run-budget-s", type=float, default=20.0, metavar="S",
+                       help="time for every minimal witness of the run (default 20)")
+        sp.add_argument("--witness-cap", type=int, default=5, metavar="N",
+                       help="violations minimised per invariant, the first in time "
+                            "(default 5)")
     suite = sub.add_parser("suite", help="every pass/fail scenario; exit 0 only if all valid")
     gs = suite.add_mutually_exclusive_group()
     gs.add_argument("--governor", default="reference", choices=["reference", "seed", "legacy"])
@@ -181,10 +191,11 @@ def _main(args: argparse.Namespace) -> int:
             return _scenarios()
         if args.command == "run":
             return _run(args)
-        if args.command == "check":
-            return _check(args.run_dir)
-        if args.command == "report":
-            return _report(args.run_dir)
+        if args.command in ("check", "report"):
+            bounds = _minimize(args)
+            if bounds is None:
+                return EXIT_BAD_ARGS
+            return (_check if args.command == "check" else _report)(args.run_dir, bounds)
         if args.command == "suite":
             return _suite(args)
         if args.command == "conformance":
@@ -338,7 +349,23 @@ def _run(args: argparse.Namespace) -> int:
     return verdict.exit_code
 
 
-def _judge(run_dir: Path, command: str) -> Any:
+def _minimize(args: argparse.Namespace) -> Any:
+    """The minimal-witness search's bounds from ``--witness-*`` (False: ``--no-minimize``;
+    None, after one line naming the option, when one is not a positive number)."""
+    if args.no_minimize:
+        return False
+    from chaos.checkers.minimize import MinimizeOptions
+
+    for name in ("witness_budget_s", "witness_run_budget_s", "witness_cap"):
+        if not getattr(args, name) > 0:
+            print(f"chaos {args.command}: --{name.replace('_', '-')} must be positive, got "
+                  f"{getattr(args, name)}", file=sys.stderr)
+            return None
+    return MinimizeOptions(violation_budget_s=args.witness_budget_s,
+                           budget_s=args.witness_run_budget_s, per_invariant=args.witness_cap)
+
+
+def _judge(run_dir: Path, command: str, minimize: Any = True) -> Any:
     """The verdict on a stored run directory, or the exit code after one line saying why
     it cannot be judged (a damaged or incomplete run is named, never given a verdict)."""
     from chaos.checkers import check_run
@@ -346,14 +373,14 @@ def _judge(run_dir: Path, command: str) -> Any:
     if (code := _preflight(run_dir, command)) is not None:
         return code
     try:
-        return check_run(run_dir)
+        return check_run(run_dir, minimize=minimize)
     except _history_error() as exc:
         print(f"chaos {command}: {exc}", file=sys.stderr)
         return EXIT_HARNESS
 
 
-def _check(run_dir: Path) -> int:
-    verdict = _judge(run_dir, "check")
+def _check(run_dir: Path, minimize: Any = True) -> int:
+    verdict = _judge(run_dir, "check", minimize)
     if isinstance(verdict, int):
         return verdict
     print(verdict.summary())
@@ -503,10 +530,10 @@ def _import(args: argparse.Namespace) -> int:
     return verdict.exit_code
 
 
-def _report(run_dir: Path) -> int:
+def _report(run_dir: Path, minimize: Any = True) -> int:
     from chaos.report import write_report
 
-    verdict = _judge(run_dir, "report")
+    verdict = _judge(run_dir, "report", minimize)
     if isinstance(verdict, int):
         return verdict
     paths = write_report(run_dir, verdict)

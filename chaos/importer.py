@@ -710,6 +710,17 @@ def derive_ledger(path: Path, executed: list[tuple[str, dict[str, str]]],
     position opened before it, read in the governor's favour.
     """
     Exchange.create(path)
+    rp, positions = replay_results(executed, plans, permits, window_cut)
+    _write_ledger(path, rp.rows, positions)
+    return rp
+
+
+def replay_results(executed: list[tuple[str, dict[str, str]]], plans: dict[str, dict[str, str]],
+                   permits: dict[str, int], window_cut: bool = False
+                   ) -> tuple[Replay, list[tuple[str, tuple[Any, ...]]]]:
+    """:func:`derive_ledger` without the file: the ledger rows (in the ``orders`` table's
+    column order) and the position changes. The witness minimiser derives the ledger of a
+    subset of an imported history with it, as the import did for the whole."""
     rp = Replay()
     open_: dict[str, _Position] = {}
     last_side: dict[str, str] = {}
@@ -771,13 +782,12 @@ def derive_ledger(path: Path, executed: list[tuple[str, dict[str, str]]],
         rp.rows.append((seq, pid, symbol, action, sent or side, notional,
                         _int(f.get("fence")), effect, position_id, side, len(open_), wall_ms,
                         _time_ns(eid, 1), 0, permits.get(pid)))
-    _write_ledger(path, rp.rows, positions)
     rp.open_positions = {s: p.position_id for s, p in sorted(open_.items())}
     rp.stats = {"orders": len(rp.rows), "effects": effects,
                 "duplicate_results": duplicates, "unreadable_results": unreadable,
                 "pre_window_closes": pre_window,
                 "peak_open_positions": max((row[10] for row in rp.rows), default=0)}
-    return rp
+    return rp, positions
 
 
 def _unique(ids: set[str], wanted: str, symbol: str, seq: int) -> str:

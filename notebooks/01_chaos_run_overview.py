@@ -44,6 +44,16 @@ display(Markdown(story.violations(run)))
 story.violation_events(run, 0)
 
 # %% [markdown]
+# ## Minimal witnesses
+# For each violation (the first few of each invariant), the fewest operations that still
+# show it when its checker is run on them alone, in time order (`n` numbers the
+# violation; `run.minimal_witnesses`, docs/analysis.md).
+
+# %%
+run.minimal_witnesses[["n", "invariant", "t", "f", "type", "plan_id", "symbol", "action",
+                       "outcome", "detail"]]
+
+# %% [markdown]
 # ## Open positions against the slots
 # Violations are marked where they happened; shaded bands are the fault windows.
 

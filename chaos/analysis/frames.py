@@ -59,6 +59,9 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "model_explanations": ("model", "partition", "outcome", "ops", "longest_prefix",
                            "first_unplaceable", "t", "state_before", "prefix_tail",
                            "pending_not_applying"),
+    "minimal_witnesses": ("n", "invariant", "violation", "violation_t", "match",
+                          "one_minimal", "size", "t", "f", "type", "plan_id", "symbol",
+                          "action", "outcome", "detail", "ref", "ms"),
 }
 
 # What an empty frame most likely means, for :meth:`RunFrames.require`.
@@ -77,6 +80,7 @@ _WHY_EMPTY = {
     "latency": "no decision was recorded",
     "violations": "no violations (the verdict found none)",
     "model_explanations": "no model partition failed or ran out of time (or no model check)",
+    "minimal_witnesses": "no violations, or none whose witness could be found again",
 }
 
 _VERDICT_WORD = {True: "VALID", False: "INVALID", None: "UNKNOWN"}
@@ -651,6 +655,41 @@ class RunFrames:
         return pd.DataFrame(rows)[list(COLUMNS["model_explanations"])]
 
 
+    @cached_property
+    def witnesses(self) -> list[tuple[Violation, dict[str, Any]]]:
+        """Each minimised violation (time order) with its minimal witness: results.json's,
+        else searched now (``chaos.checkers.minimize``, its default bounds)."""
+        vs = sorted((v for r in self.verdict.results.values() for v in r.violations),
+                    key=lambda v: v.wall_ms)
+        if vs and "minimal_witnesses" not in (self.verdict.stats or {}) and not any(
+                v.minimal_witness for v in vs):
+            from chaos.checkers.minimize import minimize
+
+            found, _summary = minimize(self.facts, vs, t0_ms=self.t0_ms)
+            return [(vs[i], w) for i, w in sorted(found.items(), key=lambda x: x[0])]
+        return [(v, v.minimal_witness) for v in vs if v.minimal_witness]
+
+    @cached_property
+    def minimal_witnesses(self) -> pd.DataFrame:
+        """One row per operation of each violation's minimal witness, in time order: ``n``
+        numbers the violation (as in the report), ``violation`` says it in words,
+        ``violation_t`` when; ``match``, ``one_minimal`` and ``size`` say what the search
+        showed (docs/analysis.md, "Minimal witnesses")."""
+        rows = []
+        for n, (v, w) in enumerate(self.witnesses, 1):
+            for op in w.get("ops") or ():
+                rows.append({"n": n, "invariant": v.invariant,
+                             "violation": humanize(v.message, self.t0_ms),
+                             "violation_t": self.s(v.wall_ms), "match": w.get("match"),
+                             "one_minimal": w.get("one_minimal"), "size": w.get("size"),
+                             "t": self.s(op["ms"]), **{k: op.get(k) for k in (
+                                 "f", "type", "plan_id", "symbol", "action", "outcome",
+                                 "detail", "ref", "ms")}})
+        if not rows:
+            return _empty("minimal_witnesses")
+        return pd.DataFrame(rows)[list(COLUMNS["minimal_witnesses"])]
+
+
 def _op_text(op: dict[str, Any]) -> str:
     """A model operation in a few words: ``plan-1: acquire S001USDT -> PERMIT``."""
     inp = op.get("input")
@@ -718,7 +757,8 @@ def _stored_verdict(facts: Facts) -> Verdict | None:
             by_inv.setdefault(v["invariant"], []).append(Violation(
                 v["invariant"], v["wall_ms"], v.get("symbol"), tuple(v.get("plan_ids") or ()),
                 v.get("expected", ""), v.get("observed", ""), v.get("message", ""),
-                tuple(v.get("events") or ()), tuple(v.get("faults") or ())))
+                tuple(v.get("events") or ()), tuple(v.get("faults") or ()),
+                v.get("minimal_witness")))
 
         def results(section: dict[str, Any], vs: dict[str, list[Violation]]) -> dict[
                 str, CheckResult]:

@@ -93,6 +93,15 @@ class Verdict:
             lines.append(f"  - [{v.invariant}] {v.message}")
         if len(self.violations) > 5:
             lines.append(f"  ... {len(self.violations) - 5} more in results.json")
+        mw = self.stats.get("minimal_witnesses") or {}
+        if mw.get("per_invariant"):
+            done = sum(s["minimised"] for s in mw["per_invariant"].values())
+            sizes = [len(v.minimal_witness.get("ops") or ()) for v in self.violations
+                     if v.minimal_witness and v.minimal_witness.get("reproduced")]
+            lines.append(f"  minimal witnesses: {done} violations searched"
+                         f" ({len(sizes)} found, {min(sizes, default=0)}-"
+                         f"{max(sizes, default=0)} operations each; results.json)"
+                         + (f"; {mw['stopped']}" if mw.get("stopped") else ""))
         return "\n".join(lines)
 
 
@@ -132,12 +141,20 @@ def run_checkers(facts: Facts, parallel: bool | None = None) -> dict[str, CheckR
 
 
 def check_run(run_dir: str | Path, write: bool = True, models: bool = True,
-              model_timeout_s: float = 10.0) -> Verdict:
+              model_timeout_s: float = 10.0, minimize: bool | Any = True) -> Verdict:
+    """Judge a run directory and write results.json. ``minimize``: search each violation's
+    minimal witness (chaos.checkers.minimize; True: the default bounds, or a
+    ``MinimizeOptions``; False: none)."""
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
     with gc_paused():
         facts = gather(run_dir)
     verdict = judge(facts, models=models, model_timeout_s=model_timeout_s, started=t0)
+    if minimize is not False and verdict.violations:
+        from chaos.checkers.minimize import MinimizeOptions, minimize_verdict
+
+        minimize_verdict(verdict, minimize if isinstance(minimize, MinimizeOptions)
+                         else MinimizeOptions())
     if write:
         tmp = run_dir / "results.json.tmp"
         tmp.write_text(json.dumps(verdict.to_dict(), indent=2, default=str))

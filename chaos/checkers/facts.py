@@ -1083,13 +1083,45 @@ def _gather(run_dir: Path, workers: int | None) -> Facts:
     meta: dict[str, Any] = {}
     if (run_dir / "run.json").exists():
         meta = json.loads((run_dir / "run.json").read_text())
-    cfg_hash = meta.get("governor_config") or {}
-    facts = Facts(run_dir=run_dir, config=GovernorConfig.from_hash(cfg_hash),
-                  capital=0.0, allocation_pct=0.0, initial_regime="BASE", meta=meta)
+    facts = _empty_facts(run_dir, meta)
     def read_ledger() -> None:
         facts.orders = load_ledger(run_dir)
 
-    ordered = _merge(facts, _scan_files(history_files(run_dir), workers, read_ledger))
+    _replay_ordered(facts, _merge(facts, _scan_files(history_files(run_dir), workers,
+                                                     read_ledger)))
+    return facts
+
+
+def _empty_facts(run_dir: Path, meta: dict[str, Any]) -> Facts:
+    return Facts(run_dir=run_dir, config=GovernorConfig.from_hash(meta.get("governor_config")
+                                                                  or {}),
+                 capital=0.0, allocation_pct=0.0, initial_regime="BASE", meta=meta)
+
+
+def facts_of_lines(run_dir: Path, meta: dict[str, Any], lines: Iterable[bytes],
+                   orders: list[LedgerOrder]) -> Facts:
+    """The facts of some history lines (blocks of whole JSON lines, each ending in a
+    newline) and ledger orders, as :func:`gather` would find them in a run directory
+    holding only those: the witness minimiser (chaos.checkers.minimize) judges subsets of
+    a history this way. Lines are decoded afresh on every call (the scan fills in the
+    records it decodes)."""
+    facts = _empty_facts(run_dir, meta)
+    facts.orders = orders
+    scanner = _Scanner()
+    block = b"".join(lines)
+    if block:
+        try:
+            scanner.add(_Decoders().decode(block))
+        except _BadLine as bad:
+            raise HistoryError(f"{run_dir}: {bad.msg}") from None
+    _replay_ordered(facts, _merge(facts, [scanner.scan()]))
+    return facts
+
+
+def _replay_ordered(facts: Facts, ordered: list[tuple[int, str, _OrderedOp]]) -> None:
+    """The operations whose meaning depends on order (operator, fault, probe, phase,
+    governor), replayed in time order into ``facts``."""
+    meta = facts.meta
     open_faults: dict[str, FaultWindow] = {}
     regime_inv: dict[str, tuple[int, str]] = {}
     for _t, _p, op in ordered:
@@ -1142,4 +1174,3 @@ def _gather(run_dir: Path, workers: int | None) -> Facts:
         facts.capital = float(meta.get("scenario_spec", {}).get("market", {}).get("capital", 0))
         facts.allocation_pct = float(meta.get("scenario_spec", {}).get("market", {})
                                      .get("allocation_pct", 0))
-    return facts

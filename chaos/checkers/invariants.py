@@ -40,12 +40,16 @@ class Violation:
     message: str
     events: tuple[dict[str, Any], ...] = ()
     faults: tuple[str, ...] = ()  # faults active at the time
+    # The fewest operations that still show it (chaos.checkers.minimize), when searched.
+    minimal_witness: dict[str, Any] | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["plan_ids"] = list(self.plan_ids)
         d["events"] = list(self.events)
         d["faults"] = list(self.faults)
+        if self.minimal_witness is None:
+            del d["minimal_witness"]
         return d
 
 
