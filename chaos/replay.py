@@ -27,7 +27,7 @@ import codecs
 import json
 import logging
 from collections.abc import Iterable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +192,38 @@ def _replay_op(op: Op, t: float) -> dict[str, Any] | None:
     return None
 
 
+@dataclass(frozen=True)
+class Sent:
+    """One thing a producer sent, as a replay must send it again: ``what`` is compared
+    exactly (f, key, symbol, the plan's fields but its intent time, regime, pnl); the
+    offset from the workload start and the plan's age are timing."""
+
+    what: tuple[Any, ...]
+    offset_s: float
+    age_ms: int | None
+
+
+def sent_by_producer(run_dir: str | Path) -> dict[int, list[Sent]]:
+    """Per workload worker (its index: ``open_storm-0`` and the ``replay-0`` that replays
+    it are both 0), what it sent, in order: for checking a replay against its original."""
+    out: dict[int, list[Sent]] = {}
+    t0_ns = 0
+    for op in iter_history(run_dir):
+        if op.f == F.PHASE and op.key == "workload" and op.type == OpType.INVOKE:
+            t0_ns = op.time_ns
+        index = op.process.rsplit("-", 1)[-1]
+        if not index.isdigit() or _replay_op(op, 0.0) is None:
+            continue
+        plan = dict(op.value.get("plan") or {})
+        created = plan.pop("intent_created_at_ms", None)
+        age = op.wall_ms - int(created) if isinstance(created, str) and \
+            created.lstrip("-").isdigit() else None
+        what = (op.f, op.key, op.symbol, tuple(sorted(plan.items())), op.value.get("regime"),
+                op.value.get("pnl_pct"))
+        out.setdefault(int(index), []).append(Sent(what, (op.time_ns - t0_ns) / 1e9, age))
+    return out
+
+
 def _field(text: Any) -> Any:
     """A plan field as the history shows it, back as it was sent: bytes that were not
     UTF-8 appear with backslash escapes (``\\xff``); those become ``{ hex = ... }``."""
@@ -210,4 +242,4 @@ def _field(text: Any) -> Any:
     return text
 
 
-__all__ = ["ReplayError", "run_scenario", "scenario_from_run"]
+__all__ = ["ReplayError", "Sent", "run_scenario", "scenario_from_run", "sent_by_producer"]

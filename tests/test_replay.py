@@ -7,7 +7,6 @@ import json
 import random
 import subprocess
 import sys
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +15,8 @@ from govtools import small_scenario
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chaos.history import F, Op, OpType, read_history
-from chaos.replay import ReplayError, run_scenario, scenario_from_run
+from chaos.history import F
+from chaos.replay import ReplayError, run_scenario, scenario_from_run, sent_by_producer
 from chaos.scenario import (
     ANCHOR_EVENTS,
     ANCHOR_FILTERS,
@@ -278,33 +277,6 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
                            "--no-report"], capture_output=True, text=True, timeout=240)
 
 
-def _sent(run_dir: Path) -> dict[int, list[tuple[Any, ...]]]:
-    """Per producer (its worker index): every plan it tried to add, regime and pnl write it
-    made, in its order: (f, key, symbol, fields but the intent time, regime, pnl); and the
-    offsets and ages."""
-    out: dict[int, list[tuple[Any, ...]]] = defaultdict(list)
-    ops = read_history(run_dir)
-    for op in ops:
-        if op.process.rsplit("-", 1)[-1].isdigit() and _sends(op):
-            plan = dict(op.value.get("plan") or {})
-            plan.pop("intent_created_at_ms", None)
-            out[int(op.process.rsplit("-", 1)[1])].append(
-                (op.f, op.key, op.symbol, sorted(plan.items()), op.value.get("regime"),
-                 op.value.get("pnl_pct")))
-    return dict(out)
-
-
-def _sends(op: Op) -> bool:
-    return (op.f in (F.SUBMIT, F.OPERATOR) and op.type == OpType.INVOKE) or \
-        (op.f == F.OPERATOR and bool(op.value.get("initial")))
-
-
-def _ages(run_dir: Path) -> dict[str, int]:
-    return {op.key or "": op.wall_ms - int(op.value["plan"]["intent_created_at_ms"])
-            for op in read_history(run_dir) if op.f == F.SUBMIT and op.type == OpType.INVOKE
-            and "intent_created_at_ms" in op.value.get("plan", {})}
-
-
 def test_a_replayed_run_submits_the_same_plans(tmp_path: Path) -> None:
     src = tmp_path / "mixed.toml"
     src.write_text(small_scenario("mixed", 3).replace("processes = 2\nrate = 200", "rate = 40")
@@ -324,18 +296,21 @@ def test_a_replayed_run_submits_the_same_plans(tmp_path: Path) -> None:
     p = _run("--replay", str(first), "--out", str(again))
     assert p.returncode in (0, 1, 2), p.stdout + p.stderr
     assert parse((again / "scenario.toml").read_text()) == sc
-    a, b = _sent(first), _sent(again)
+    a, b = sent_by_producer(first), sent_by_producer(again)
     assert sorted(a) == sorted(b) == list(range(7))
     for i in a:
-        assert b[i] == a[i], f"producer {i}: {sc.workloads[i].params['producer']}"
-    kinds = {x[0] for ops in a.values() for x in ops}
-    assert kinds == {F.SUBMIT, F.OPERATOR}
-    malformed = [x for x in a[1] if x[2] is None]
-    assert malformed, "the non-UTF-8 plans were replayed (as bytes: same escapes)"
-    assert any(x[5] is not None for x in a[3]), "pnl writes were replayed"
-    ages_a, ages_b = _ages(first), _ages(again)
-    assert ages_a.keys() == ages_b.keys()
-    assert max(abs(ages_b[k] - ages_a[k]) for k in ages_a) <= 2, "each plan is as old as it was"
-    assert any(age > 1000 for age in ages_b.values()), "stale plans stayed stale"
+        assert [x.what for x in b[i]] == [x.what for x in a[i]], \
+            f"producer {i}: {sc.workloads[i].params['producer']}"
+    whats = [x.what for xs in a.values() for x in xs]
+    assert {w[0] for w in whats} == {F.SUBMIT, F.OPERATOR}
+    assert any(w[2] is None and w[0] == F.SUBMIT for w in whats), \
+        "the non-UTF-8 plans were replayed (as bytes: the history shows the same escapes)"
+    assert any(w[5] is not None for w in whats), "pnl writes were replayed"
+    assert any(w[4] is not None for w in whats), "regime writes were replayed"
+    ages = [(x.age_ms, y.age_ms) for i in a for x, y in zip(a[i], b[i], strict=True)
+            if x.age_ms is not None]
+    assert all(y is not None and abs(y - x) <= 2 for x, y in ages), \
+        "each plan is as old as it was"
+    assert any(x > 1000 for x, _ in ages), "stale plans were sent, and stayed stale"
     anchors = json.loads((again / "run.json").read_text())["stats"]["anchors"]
     assert anchors[0]["after"]["instance"] == "gov-1", "the fault anchors are kept"
