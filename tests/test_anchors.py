@@ -15,6 +15,7 @@ from govtools import small_scenario
 
 from chaos.anchors import AnchorEvent, AnchorWatcher
 from chaos.history import F, OpType, read_history
+from chaos.replay import anchor_before
 from chaos.scenario import AnchorSpec, ScenarioError, parse
 from governor_ref.keys import Keys
 
@@ -217,6 +218,13 @@ def test_event_anchored_faults_fire_at_their_event_in_a_real_run(tmp_path: Path)
     slow = next(op for op in faults if op.value.get("kind") == "slow_exchange"
                 and op.value.get("phase") == "start" and op.type == OpType.INVOKE)
     assert slow.value["anchor_event"]["plan_id"] == takes[3].key
+    # read back from the history: the same anchors (for turning timed faults into anchored)
+    again = anchor_before(out, start.key, "permit", action="OPEN", instance="gov-1")
+    assert again is not None and (again.n, again.instance) == (3, "gov-1")
+    took = anchor_before(out, slow.key, "take")
+    assert took is not None and took.n == 4
+    sub = anchor_before(out, start.key)
+    assert sub is not None and sub.event == "submit" and sub.n == 1 and sub.plan_id
     # never fired: in the history, in run.json and in results.json
     nf = [op for op in faults if op.value.get("phase") == "not_fired"]
     assert [(op.type, op.value["slot"], op.value["matched"]) for op in nf] == \
