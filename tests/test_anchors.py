@@ -238,3 +238,35 @@ def test_event_anchored_faults_fire_at_their_event_in_a_real_run(tmp_path: Path)
 def _id(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq)
+
+
+def test_every_fault_kind_can_be_anchored(tmp_path: Path) -> None:
+    """The anchor path is the same for every kind: each starts on its event with the
+    anchor in its start op (here with no tools to act on, so each start is then a recorded
+    ``fail``, as any fault that cannot happen); an unfired one is recorded at stop."""
+    from chaos.history import HistoryWriter
+    from chaos.nemesis import Nemesis, NemesisContext
+    from chaos.scenario import FAULT_KINDS, FaultSpec
+
+    kinds = sorted(FAULT_KINDS)
+    faults = [FaultSpec(k, duration=0.05, after=AnchorSpec("take", n=i + 1))
+              for i, k in enumerate(kinds)]
+    faults.append(FaultSpec("pause_governor", after=AnchorSpec("take", n=999)))
+    h = HistoryWriter(tmp_path, "nemesis")
+    nem = Nemesis(NemesisContext(history=h), faults).start()
+    for i in range(len(kinds)):
+        nem.on_apply_record({"type": "permit_taken", "plan_id": f"p{i}", "entry_id": f"{i}-0",
+                             "wall_ms": 1, "mono_ns": 1, "permit": {"action": "OPEN"}})
+    nem.heal_all()
+    h.close()
+    ops = [op for op in read_history(tmp_path) if op.f == F.FAULT]
+    starts = {op.value["kind"]: op for op in ops if op.type == OpType.INVOKE
+              and op.value.get("phase") == "start"}
+    assert sorted(starts) == kinds
+    for i, k in enumerate(kinds):
+        assert starts[k].value["anchor_event"]["plan_id"] == f"p{i}"
+        assert starts[k].value["after"]["n"] == i + 1
+        assert any(op.key == starts[k].key and op.type != OpType.INVOKE for op in ops)
+    [nf] = [op for op in ops if op.value.get("phase") == "not_fired"]
+    assert nf.value["slot"] == len(kinds) and nf.value["matched"] == len(kinds)
+    assert [r["fired"] for r in nem.anchor_report()] == [True] * len(kinds) + [False]
