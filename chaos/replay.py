@@ -151,6 +151,16 @@ def scenario_from_run(run_dir: str | Path) -> Scenario:
     return _checked(out)
 
 
+def truncate(sc: Scenario, duration_s: float) -> Scenario:
+    """The first ``duration_s`` seconds of a replay: ops from then on dropped, the duration
+    set (``chaos run --replay RUN_DIR --duration S``). Other workloads are left as they are."""
+    workloads = tuple(
+        replace(w, params={**w.params, "ops": [op for op in w.params.get("ops", [])
+                                               if op.get("t", 0) < duration_s]})
+        if w.kind == "replay" else w for w in sc.workloads)
+    return replace(sc, workloads=workloads).with_overrides(duration_s=duration_s)
+
+
 def _checked(sc: Scenario) -> Scenario:
     """Validated as a scenario file would be: what ``chaos run --replay`` runs is exactly
     what ``dump`` writes and ``parse`` reads."""
@@ -319,4 +329,4 @@ def _field(text: Any) -> Any:
 
 
 __all__ = ["ReplayError", "Sent", "anchor_before", "run_scenario", "scenario_from_run",
-           "sent_by_producer"]
+           "sent_by_producer", "truncate"]

@@ -303,6 +303,9 @@ class Scenario:
         if duration_s is not None:
             _within(duration_s, "--duration", *FIELD_RANGES["duration_s"])
             s = replace(s, duration_s=duration_s)
+            for i, w in enumerate(s.workloads):  # a replay's ops must fit the new duration
+                _check_workload_params(w, f"workload[{i}] (with --duration)", s.market.symbols,
+                                       s.seed, duration_s, s.config)
         if governors is not None:
             _within(governors, "--governors", *FIELD_RANGES["governors"])
             s = replace(s, governors=governors)

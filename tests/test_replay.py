@@ -16,7 +16,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chaos.history import F
-from chaos.replay import ReplayError, run_scenario, scenario_from_run, sent_by_producer
+from chaos.replay import (
+    ReplayError,
+    run_scenario,
+    scenario_from_run,
+    sent_by_producer,
+    truncate,
+)
 from chaos.scenario import (
     ANCHOR_EVENTS,
     ANCHOR_FILTERS,
@@ -314,3 +320,15 @@ def test_a_replayed_run_submits_the_same_plans(tmp_path: Path) -> None:
     assert any(x > 1000 for x, _ in ages), "stale plans were sent, and stayed stale"
     anchors = json.loads((again / "run.json").read_text())["stats"]["anchors"]
     assert anchors[0]["after"]["instance"] == "gov-1", "the fault anchors are kept"
+
+
+def test_truncate_keeps_the_first_seconds_of_a_replay() -> None:
+    sc = parse('name = "x"\nduration_s = 5.0\n[[workload]]\nkind = "replay"\nops = ['
+               '{ t = 0.5, regime = "CHOP" }, { t = 1.5, regime = "BASE" }, '
+               '{ t = 6.0, regime = "CHOP" }]\n[[workload]]\nkind = "open_storm"\n')
+    short = truncate(sc, 1.0)
+    assert short.duration_s == 1.0
+    assert short.workloads[0].params["ops"] == [{"t": 0.5, "regime": "CHOP"}]
+    assert short.workloads[1] == sc.workloads[1]
+    with pytest.raises(ScenarioError, match="--duration"):
+        truncate(sc, 0.0)
