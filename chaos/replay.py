@@ -265,13 +265,14 @@ def anchor_before(run_dir: str | Path, fault_key: str, event: str = "submit",
     events: list[tuple[float, AnchorEvent]] = []  # (ms, event) in stream / take order
     start: Op | None = None
     t0: Op | None = None
+    # The whole history: the recorder writes an entry down after it happened, so it may
+    # come after the fault's start in the history although the entry came before it.
     for op in iter_history(run_dir):
         if op.f == F.PHASE and op.key == "workload" and op.type == OpType.INVOKE:
             t0 = op
         elif op.f == F.FAULT and op.key == fault_key and op.type == OpType.INVOKE \
                 and op.value.get("phase") == "start":
             start = op
-            break
         elif t0 is not None:
             events += [(ms, ev) for ms, ev in _as_events(op) if ev.event == event]
     if start is None or t0 is None:
@@ -279,6 +280,7 @@ def anchor_before(run_dir: str | Path, fault_key: str, event: str = "submit",
     # a take is timed on the monotonic clock, as the history is; an entry by its id (the
     # server's wall clock, whole ms)
     cut = start.time_ns / 1e6 if event == "take" else float(start.wall_ms)
+    events.sort(key=lambda x: x[0])  # stable: entries of one ms stay in stream order
     matching = [(ms, ev) for ms, ev in events if ms <= cut and matches(probe, ev)]
     if not matching:
         return None

@@ -62,6 +62,8 @@ def test_anchor_is_parsed_with_its_defaults_and_filters() -> None:
     ('{ event = "permit", symbol = "" }', "", "fault[0].after.symbol: must not be empty"),
     ('{ event = "permit" }', "at = 1.0", "fault[0].at: a fault with `after` starts on its event"),
     ('{ event = "permit" }', "every = 2.0", "fault[0].every: a fault with `after` starts once"),
+    ('{ event = "take" }', 'target = "anchor"',
+     "fault[0].target: 'anchor' (the governor that decided the anchoring event) needs"),
 ])
 def test_bad_anchors_are_one_line_errors_naming_the_field(after: str, extra: str,
                                                           message: str) -> None:
@@ -160,7 +162,7 @@ ANCHORED = """
 [[fault]]
 kind = "pause_governor"
 duration = 1.0
-target = "gov-1"
+target = "anchor"
 after = { event = "permit", action = "OPEN", instance = "gov-1", n = 3 }
 
 [[fault]]
@@ -212,7 +214,7 @@ def test_event_anchored_faults_fire_at_their_event_in_a_real_run(tmp_path: Path)
         "gov-1's next decision came after the fault started"
     ok = next(op for op in faults if op.key == start.key and op.type == OpType.OK
               and op.value.get("phase") == "start")
-    assert ok.value["paused"] == ["gov-1"]
+    assert ok.value["paused"] == ["gov-1"], "target 'anchor': the governor that decided"
     # take #4, from the apply layer's own records
     takes = [op for op in ops if op.f == F.TAKE and op.type == OpType.OK]
     slow = next(op for op in faults if op.value.get("kind") == "slow_exchange"
