@@ -860,7 +860,7 @@ class Nemesis:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
         watcher = self._watcher
-        if watcher is not None and watcher._thread is not threading.current_thread():
+        if watcher is not None:
             watcher.stop(timeout)
         with self._lock:
             if watcher is None or self._not_fired is not None:

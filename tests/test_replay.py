@@ -94,7 +94,8 @@ def replay_ops(draw: Any, duration: float) -> list[dict[str, Any]]:
                 op["age_ms"] = draw(st.integers(-10**6, 10**9))
             if draw(st.booleans()):
                 op["meta"] = draw(st.dictionaries(
-                    _text, _text | st.booleans() | st.integers(-9, 9) | _num, max_size=3))
+                    _text.filter(lambda k: k not in ("plan", "workload", "producer")),
+                    _text | st.booleans() | st.integers(-9, 9) | _num, max_size=3))
             if draw(st.booleans()):
                 op["key"] = draw(_text.filter(bool))
         elif kind == "regime":
@@ -213,6 +214,8 @@ def test_replay_sends_its_ops_in_order_with_ages_kept(tmp_path: Path) -> None:
     ("[{ t = 0.0, pnl = 1.0 }]", "ops[0].symbol: a pnl op needs the symbol"),
     ("[{ t = 0.0, initial_regime = false }]", "ops[0].initial_regime: must be true"),
     ('[{ t = 0.0, regime = "CHOP", when = 1 }]', "ops[0].when: unknown field"),
+    ('[{ t = 0.0, plan = { plan_id = "a" }, meta = { plan = "x" } }]',
+     "ops[0].meta.plan: the history sets it itself"),
     ('"x"', "ops must be an array of tables"),
 ])
 def test_bad_replay_ops_are_one_line_errors(ops: str, message: str) -> None:
