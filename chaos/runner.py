@@ -4,7 +4,7 @@ The run directory holds everything needed to judge the run later, written
 as the run goes (a killed or interrupted run still leaves a checkable one):
 
     run.json        scenario, options, versions, phases, status (rewritten at the end)
-    scenario.toml   the scenario as given
+    scenario.toml   the scenario as given (a replay's: as chaos.scenario.dump writes it)
     history/        Jepsen-style operations, one JSONL file per process
     ledger.sqlite   the exchange: ground truth, outside the Redis under test
     logs/           every governor's output, the harness log, the Redis log
@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -223,11 +223,12 @@ class Run:
         for h in _terminal_handlers():
             if h.level > logging.INFO:
                 h.addFilter(self._quiet)
-        if self.sc.source and Path(self.sc.source).is_file():
-            text = Path(self.sc.source).read_text()
-            if self.sc.redis.url:  # as given, but never with a password
-                text = text.replace(self.sc.redis.url, _redact(self.sc.redis.url))
-            (d / "scenario.toml").write_text(text)
+        # As given; a scenario made in code (a replay) as chaos.scenario.dump writes it.
+        text = Path(self.sc.source).read_text() if self.sc.source and \
+            Path(self.sc.source).is_file() else scn.dump(self.sc)
+        if self.sc.redis.url:  # never with a password
+            text = text.replace(self.sc.redis.url, _redact(self.sc.redis.url))
+        (d / "scenario.toml").write_text(text)
         if self.opts.out is None:
             _link_latest(d)
         self.write_meta(
@@ -340,31 +341,57 @@ class Run:
             raise HarnessError(f"the governor under test did not start: {exc}") from exc
         self.write_meta(governor_command=self.opts.governor_spec().display(), governor_pids=pids)
 
-    def start_load(self, t0: float) -> None:
-        from chaos.nemesis import Nemesis, NemesisContext
-        from chaos.workloads import WorkloadContext, start_workloads
+    def _workload_ctx(self) -> Any:
+        from chaos.workloads import WorkloadContext
 
         assert self.keys is not None
-        import random
-
-        ctx = WorkloadContext(
+        return WorkloadContext(
             redis_url=self.provider.url if self.provider is not None else "",
             prefix=self.keys.prefix, run_dir=str(self.run_dir), seed=self.sc.seed,
             duration_s=self.sc.duration_s, symbols=self.symbols(),
             config=self.sc.governor_config().to_hash(),
             ledger_path=str(self.run_dir / "ledger.sqlite"), capital=self.sc.market.capital)
-        if self.sc.workloads:
-            # Children log to stderr: warnings only (their counts go to workloads/*.json).
-            self.workloads = start_workloads(list(self.sc.workloads), ctx,
-                                             log_level=logging.WARNING)
+
+    def prestart_load(self) -> None:
+        """A replay's producers start before the workload does and wait, up and connected,
+        for its start: their first plans are due within tens of ms of it (at the offsets
+        the recording shows), sooner than a process comes up."""
+        from chaos.workloads import start_workloads
+
+        if not any(w.kind == "replay" for w in self.sc.workloads):
+            return
+        self.workloads = start_workloads(list(self.sc.workloads), self._workload_ctx(),
+                                         log_level=logging.WARNING, hold=True)
+        if not self.workloads.wait_ready(timeout=60):
+            log.warning("replay: not every producer came up within 60 s; starting anyway")
+
+    def start_load(self, t0: float) -> None:
+        from chaos.nemesis import Nemesis, NemesisContext
+        from chaos.workloads import start_workloads
+
+        assert self.keys is not None
+        import random
+
+        ctx = replace(self._workload_ctx(), start_monotonic=t0)
         if self.sc.faults:
+            # Before the producers: event anchors count from the streams' ends as of now.
             nctx = NemesisContext(
                 supervisor=self.supervisor, redis=self.provider, proxy=self.proxy,
                 apply_layer=self.apply, keys=self.keys, config=self.sc.governor_config(),
-                admin=self.admin, rng=random.Random(self.sc.seed + 7919),
-                history=self.writer("nemesis"))
+                admin=self.admin, raw_admin=self.raw_admin,
+                rng=random.Random(self.sc.seed + 7919), history=self.writer("nemesis"))
             self.nemesis = Nemesis(nctx, list(self.sc.faults))
+            if self.apply is not None and any(f.after is not None and f.after.event == "take"
+                                              for f in self.sc.faults):
+                self.apply.on_record = _chain(self.apply.on_record,
+                                              self.nemesis.on_apply_record)
             self.nemesis.start(t0)
+        if self.workloads is not None:
+            self.workloads.release(t0)  # prestarted (a replay)
+        elif self.sc.workloads:
+            # Children log to stderr: warnings only (their counts go to workloads/*.json).
+            self.workloads = start_workloads(list(self.sc.workloads), ctx,
+                                             log_level=logging.WARNING)
 
     # -- the whole run ----------------------------------------------------------------------
     def execute(self) -> RunResult:
@@ -376,6 +403,7 @@ class Run:
             self.write_inputs()
             self.start_exchange()
             self.start_governors()
+            self.prestart_load()
             self._workload_op = phases.invoke(F.PHASE, key="workload")
             t0 = time.monotonic()
             self.start_load(t0)
@@ -638,6 +666,8 @@ class Run:
         if self.workloads is not None:
             s["workload_exitcodes"] = self.workloads.exitcodes()
         if self.nemesis is not None:
+            if any(f.after is not None for f in self.sc.faults):
+                s["anchors"] = self.nemesis.anchor_report()
             s["fault_windows"] = self.nemesis.windows()
             s["faults_launched"] = len(self.nemesis.fault_ids())
         return s
@@ -723,6 +753,17 @@ def check_out(out: Path | None) -> None:
     if history_files(out) or used:
         raise scn.ScenarioError(f"--out {out} already holds a run "
                                 f"({', '.join(used) or 'history/*.jsonl'}); give a new directory")
+
+
+def _chain(*hooks: Callable[[dict[str, Any]], None] | None
+           ) -> Callable[[dict[str, Any]], None]:
+    """One ``on_record`` calling each hook in turn (the history's first)."""
+    live = [h for h in hooks if h is not None]
+
+    def hook(rec: dict[str, Any]) -> None:
+        for h in live:
+            h(rec)
+    return hook
 
 
 def _redacted_spec(sc: scn.Scenario) -> dict[str, Any]:
