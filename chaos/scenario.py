@@ -27,6 +27,7 @@ WORKLOAD_KINDS = {
     "drift": "plans whose snapshot_position_count / snapshot_exposure_pct lag reality",
     "regime_flip": "the operator flips P:slots:regime between BASE, TREND_STRONG and CHOP",
     "malformed": "plans that break the contract, mixed with valid ones",
+    "replay": "one producer sending a recorded list of operations at their offsets",
 }
 
 FAULT_KINDS = {
@@ -158,6 +159,29 @@ FIELD_RANGES: dict[str, tuple[float, float]] = {
     "fault.at": (0, MAX_FAULT_TIME_S),
     "fault.duration": (0, MAX_FAULT_TIME_S),
     "fault.every": (0, MAX_FAULT_TIME_S),
+    "after.n": (1, 10_000_000),
+    "after.delay": (0, MAX_FAULT_TIME_S),
+}
+
+# Events a fault can be anchored to (``after = { event = ... }``), what each is, and the
+# filters that apply to it. Which process sees each, and how fast, is chaos/anchors.py's.
+ANCHOR_EVENTS: dict[str, str] = {
+    "submit": "a producer's XADD of a plan returned (the plan is in P:stream:apply.plan)",
+    "decision": "a PERMIT or BLOCK entry on P:stream:governor.events",
+    "permit": "a PERMIT entry on P:stream:governor.events",
+    "block": "a BLOCK entry on P:stream:governor.events",
+    "take": "the apply layer took a permit (GETDEL found it)",
+    "result": "an entry on P:stream:apply.result",
+    "exit_lock": "a CLOSE PERMIT: the symbol reached its exit lock",
+}
+_DECIDED = ("decision", "permit", "block", "exit_lock")
+ANCHOR_FILTERS: dict[str, tuple[str, ...]] = {
+    "action": ("submit", *_DECIDED, "take", "result"),
+    "instance": _DECIDED,  # the governor consumer that decided
+    "symbol": tuple(ANCHOR_EVENTS),
+    "plan_id": tuple(ANCHOR_EVENTS),
+    "reason": ("decision", "block", "result"),
+    "status": ("result",),  # executed, rejected, expired
 }
 
 
@@ -175,6 +199,37 @@ class WorkloadSpec:
 
 
 @dataclass(frozen=True)
+class AnchorSpec:
+    """``after = {...}`` of a fault: start on the ``n``-th event matching the filters
+    (counted from the workload start), ``delay`` seconds after it, instead of at a time.
+
+    A fault anchored to an event reproduces a failure that depends on *when* in the
+    protocol it strikes (after the third permit of gov-1), not on the wall clock, which
+    no two runs share. ``None`` filters match anything.
+    """
+
+    event: str
+    n: int = 1
+    delay: float = 0.0
+    action: str | None = None
+    instance: str | None = None
+    symbol: str | None = None
+    reason: str | None = None
+    plan_id: str | None = None
+    status: str | None = None
+
+    def filters(self) -> dict[str, str]:
+        """The filters that are set, by name."""
+        return {k: v for k in ANCHOR_FILTERS if (v := getattr(self, k)) is not None}
+
+    def describe(self) -> str:
+        """``permit #3 (action=OPEN, instance=gov-1) + 0.1s``: for logs and reports."""
+        flt = ", ".join(f"{k}={v}" for k, v in self.filters().items())
+        return (f"{self.event} #{self.n}" + (f" ({flt})" if flt else "")
+                + (f" + {self.delay:g}s" if self.delay else ""))
+
+
+@dataclass(frozen=True)
 class FaultSpec:
     kind: str
     at: float = 0.0  # seconds after the workload starts
@@ -182,6 +237,7 @@ class FaultSpec:
     every: float = 0.0  # repeat period (0 = once)
     target: str = "random"  # governor consumer name, "random" or "all"
     params: dict[str, Any] = field(default_factory=dict)
+    after: AnchorSpec | None = None  # start on an event instead of at ``at``
 
 
 @dataclass(frozen=True)
@@ -253,6 +309,10 @@ class Scenario:
             for i, f in enumerate(s.faults):
                 _check_target(f.target, s.governors, f"fault[{i}].target",
                               " (with --governors)")
+                inst = f.after.instance if f.after is not None else None
+                if inst is not None:
+                    _check_target(inst, s.governors, f"fault[{i}].after.instance",
+                                  " (with --governors)")
         return s
 
 
@@ -393,6 +453,62 @@ def _check_workload_params(spec: WorkloadSpec, where: str, sc_symbols: int, seed
         raise ScenarioError(f"{where}: {msg}") from None
 
 
+def _anchor(spec: FaultSpec, where: str, governors: int) -> AnchorSpec:
+    """The ``after`` table of a fault, checked: a known event, filters that apply to it,
+    n and delay in range, and no ``at`` or ``every`` beside it (one start, on the event)."""
+    raw = spec.after
+    if isinstance(raw, AnchorSpec):
+        raw = {k: v for k, v in vars(raw).items() if v is not None}
+    if not isinstance(raw, dict):
+        raise ScenarioError(f"{where}: must be a table like {{ event = \"permit\", n = 3 }}, "
+                            f"got {raw!r}")
+    known = {f.name for f in fields(AnchorSpec)}
+    for k in raw:
+        if k not in known:
+            raise ScenarioError(f"{where}.{k}: unknown field; known: {', '.join(sorted(known))}")
+    event = raw.get("event")
+    if event not in ANCHOR_EVENTS:
+        what = "required" if event is None else f"unknown event {event!r}"
+        raise ScenarioError(f"{where}.event: {what}; known: {', '.join(ANCHOR_EVENTS)}")
+    kw: dict[str, Any] = {"event": event}
+    if "n" in raw:
+        kw["n"] = _within(_coerce(raw["n"], "int", f"{where}.n"), f"{where}.n",
+                          *FIELD_RANGES["after.n"])
+    if "delay" in raw:
+        kw["delay"] = _within(_coerce(raw["delay"], "float", f"{where}.delay"),
+                              f"{where}.delay", *FIELD_RANGES["after.delay"])
+    for k, events in ANCHOR_FILTERS.items():
+        if k not in raw:
+            continue
+        v = _coerce(raw[k], "str", f"{where}.{k}")
+        if event not in events:
+            raise ScenarioError(f"{where}.{k}: does not apply to event {event!r}; it filters "
+                                f"{', '.join(events)}")
+        if not v:
+            raise ScenarioError(f"{where}.{k}: must not be empty (leave it out to match any)")
+        kw[k] = v
+    if kw.get("action") not in (None, "OPEN", "CLOSE"):
+        raise ScenarioError(f"{where}.action: must be OPEN or CLOSE, got {kw['action']!r}")
+    if event == "exit_lock" and kw.get("action") == "OPEN":
+        raise ScenarioError(f"{where}.action: an exit lock is taken by a CLOSE permit only")
+    if kw.get("status") not in (None, "executed", "rejected", "expired"):
+        raise ScenarioError(f"{where}.status: must be executed, rejected or expired, "
+                            f"got {kw['status']!r}")
+    if "instance" in kw:
+        m = TARGET_RE.fullmatch(kw["instance"])
+        if m is None or int(m[1]) > governors:
+            raise ScenarioError(f"{where}.instance: must be gov-1..gov-{governors}, "
+                                f"got {kw['instance']!r}")
+    fault = where.removesuffix(".after")
+    if spec.at:
+        raise ScenarioError(f"{fault}.at: a fault with `after` starts on its event; leave "
+                            f"`at` out (or 0), got {spec.at:g}")
+    if spec.every:
+        raise ScenarioError(f"{fault}.every: a fault with `after` starts once, on its event; "
+                            f"`every` is not allowed with it")
+    return AnchorSpec(**kw)
+
+
 def from_dict(raw: dict[str, Any], source: str | None = None) -> Scenario:
     raw = dict(raw)
     top = {f.name for f in fields(Scenario)} - {"workloads", "faults", "source"}
@@ -498,6 +614,8 @@ def from_dict(raw: dict[str, Any], source: str | None = None) -> Scenario:
         where = f"fault[{i}]"
         for name in ("at", "duration", "every"):
             _within(getattr(spec, name), f"{where}.{name}", *FIELD_RANGES[f"fault.{name}"])
+        if spec.after is not None:
+            spec = replace(spec, after=_anchor(spec, f"{where}.after", governors))
         if spec.at >= duration_s:
             raise ScenarioError(f"{where}.at: must be before the end of the workload "
                                 f"(duration_s = {duration_s:g}), got {spec.at:g}: it would "
@@ -512,7 +630,7 @@ def from_dict(raw: dict[str, Any], source: str | None = None) -> Scenario:
         known = FAULT_PARAMS[spec.kind]
         for k, v in spec.params.items():
             if k not in known:
-                fixed = "at, duration, every, kind, target"
+                fixed = "after, at, duration, every, kind, target"
                 extra = f", {', '.join(sorted(known))}" if known else ""
                 raise ScenarioError(f"{where}.{k}: unknown parameter of {spec.kind}; known: "
                                     f"{fixed}{extra}")
@@ -525,3 +643,101 @@ def from_dict(raw: dict[str, Any], source: str | None = None) -> Scenario:
     kwargs["workloads"] = tuple(workloads)
     kwargs["faults"] = tuple(faults)
     return Scenario(**kwargs)
+
+
+# -- writing ----------------------------------------------------------------------------
+def dump(sc: Scenario) -> str:
+    """The scenario as TOML that :func:`parse` reads back to an equal Scenario
+    (``parse(dump(sc), source=sc.source) == sc``): what ``chaos shrink`` writes as
+    repro.toml and ``chaos run --replay`` runs. Fields at their defaults are left out;
+    ``source`` is not written (it is where a scenario was read from)."""
+    lines: list[str] = []
+    top: dict[str, Any] = {"name": sc.name}
+    for f in fields(Scenario):
+        if f.name in ("name", "redis", "market", "apply", "config", "workloads", "faults",
+                      "source"):
+            continue
+        v = getattr(sc, f.name)
+        if f.name in ("duration_s", "seed", "governors") or v != f.default:
+            top[f.name] = v
+    lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in top.items()]
+    for name in ("redis", "market", "apply"):
+        body = _non_default(getattr(sc, name))
+        if body:
+            lines += ["", f"[{name}]", *(f"{_toml_key(k)} = {_toml_value(v)}"
+                                          for k, v in body.items())]
+    if sc.config:
+        lines += ["", "[config]", *(f"{_toml_key(k)} = {_toml_value(v)}"
+                                    for k, v in sorted(sc.config.items()))]
+    for w in sc.workloads:
+        body = _non_default(w, keep=("kind",))
+        params = body.pop("params", {})
+        lines += ["", "[[workload]]"]
+        lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in body.items()]
+        for k, v in params.items():
+            if k == "ops" and w.kind == "replay" and isinstance(v, list):
+                # One operation per line: a long replay stays readable and diffable.
+                lines.append("ops = [")
+                lines += [f"  {_toml_value(op)}," for op in v]
+                lines.append("]")
+            else:
+                lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
+    for fl in sc.faults:
+        body = _non_default(fl, keep=("kind",))
+        params = body.pop("params", {})
+        after = body.pop("after", None)
+        lines += ["", "[[fault]]"]
+        lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in {**body, **params}.items()]
+        if after is not None:
+            lines.append(f"after = {_toml_value(_non_default(after, keep=('event',)))}")
+    return "\n".join(lines) + "\n"
+
+
+def _non_default(obj: Any, keep: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A section's fields that differ from their defaults (and are not None), in order."""
+    out: dict[str, Any] = {}
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if v is None:
+            continue
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        if f.name in keep or v != default:
+            out[f.name] = v
+    return out
+
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _toml_key(k: str) -> str:
+    return k if _BARE_KEY.fullmatch(k) else _toml_str(k)
+
+
+def _toml_str(s: str) -> str:
+    # JSON's escapes are TOML's basic-string escapes; DEL must be escaped in TOML too.
+    import json
+
+    return json.dumps(s, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def _toml_value(v: Any) -> str:
+    """One TOML value, inline (tables as inline tables). Only what a scenario holds:
+    strings, booleans, integers, finite floats, arrays and tables."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            raise ScenarioError(f"cannot write a non-finite number ({v!r}) to a scenario")
+        return repr(v)  # shortest text that reads back to the same float
+    if isinstance(v, str):
+        return _toml_str(v)
+    if isinstance(v, AnchorSpec):
+        return _toml_value(_non_default(v, keep=("event",)))
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{_toml_key(str(k))} = {_toml_value(x)}"
+                                 for k, x in v.items()) + " }" if v else "{}"
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise ScenarioError(f"cannot write {type(v).__name__} {v!r} to a scenario")

@@ -173,6 +173,9 @@ class WorkloadContext:
     record_history: bool = True
     socket_timeout_s: float = 2.0
     connect_timeout_s: float = 1.0
+    # time.monotonic() of the workload start (one clock for every process of a host): a
+    # replay's offsets count from it, not from when its process came up.
+    start_monotonic: float | None = None
 
     def governor_config(self) -> GovernorConfig:
         return GovernorConfig.from_hash(GovernorConfig().to_hash() | dict(self.config))
@@ -239,6 +242,9 @@ class Stream:
     first_s: float = 0.0
     needs: frozenset[str] = frozenset()  # of "mirror", "regime", "ledger"
     once: bool = False  # a single tick at first_s
+    # Ticks at these offsets from the workload start instead (a replay), every one sent
+    # even when late: a replay skips nothing.
+    times: tuple[float, ...] | None = None
 
 
 # Inclusive ranges of the generators' params (their names and defaults are each class's
@@ -253,6 +259,7 @@ PARAM_RANGES: dict[str, tuple[float, float]] = {
     "drift_max": (0, 1_000_000), "exposure_drift": (0, 1000),
     "period_s": (0.001, 3600), "bad_fraction": (0, 1),
 }
+MAX_REPLAY_OPS = 1_000_000
 
 
 def _number(kind: str, name: str, value: Any) -> float:
@@ -585,9 +592,150 @@ class Malformed(Generator):
         return SubmitPlan(key, symbol, f, {"malformed": way, "invalid": way not in MALFORMED_VALID})
 
 
+class Replay(Generator):
+    """A recorded producer's operations, sent again in order at their offsets.
+
+    ``params``: ``producer`` (the original process, informational) and ``ops``, each a
+    table with ``t`` (seconds from the workload start) and one of:
+
+    * ``plan = { field = "text" | { hex = "..." }, ... }`` (bytes, for plans that carried
+      them), with ``key`` (the history key when it is not the plan id), ``age_ms``
+      (``intent_created_at_ms`` is rewritten to the send time minus it, so each plan is as
+      old as it was) and ``meta`` (recorded in the submit invoke, as the original's was);
+    * ``regime = "CHOP"`` (a SET of P:slots:regime), with ``key`` and ``previous``;
+    * ``pnl = 1.5, symbol = "S001USDT"`` (the exchange's pnl of an open position), ``key``;
+    * ``initial_regime = true`` (the regime read at start, recorded as regime_flip does).
+    """
+
+    kind = "replay"
+    PARAMS = {"producer": "", "ops": []}
+    OP_KINDS = ("plan", "regime", "pnl", "initial_regime")
+    OP_FIELDS = frozenset({"t", "key", "age_ms", "meta", "previous", "symbol", *OP_KINDS})
+
+    def __init__(self, spec: WorkloadSpec, index: int, ctx: WorkloadContext,
+                 rng: random.Random) -> None:
+        self.duration_s = ctx.duration_s
+        super().__init__(spec, index, ctx, rng)
+
+    def _params(self, raw: Mapping[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(raw) - set(self.PARAMS))
+        self._require(not unknown, f"unknown param {unknown[0]!r}; known: ops, producer"
+                      if unknown else "")
+        self._require(isinstance(raw.get("producer", ""), str), "producer must be a string")
+        ops = raw.get("ops", [])
+        self._require(isinstance(ops, list), "ops must be an array of tables")
+        self._require(len(ops) <= MAX_REPLAY_OPS, f"at most {MAX_REPLAY_OPS} ops")
+        return {"producer": raw.get("producer", ""), "ops": ops}
+
+    def _check(self) -> None:
+        self._require(self.spec.processes == 1, "processes must be 1 (one list of operations "
+                      "is one producer)")
+        self.by_stream: dict[str, list[tuple[float, Emission | dict[str, Any]]]] = {
+            "ops": [], "pnl": [], "initial": []}
+        last = -1.0
+        for i, op in enumerate(self.p["ops"]):
+            where = f"ops[{i}]"
+            self._require(isinstance(op, dict), f"{where}: must be a table")
+            extra = sorted(set(op) - self.OP_FIELDS)
+            self._require(not extra, f"{where}.{extra[0] if extra else ''}: unknown field; "
+                          f"known: {', '.join(sorted(self.OP_FIELDS))}")
+            t = op.get("t")
+            self._require(not isinstance(t, bool) and isinstance(t, int | float)
+                          and math.isfinite(t) and 0 <= t < self.duration_s,
+                          f"{where}.t: must be a number in [0, duration_s = "
+                          f"{self.duration_s:g}), got {t!r}")
+            self._require(t >= last, f"{where}.t: ops must be in time order ({t!r} after "
+                          f"{last!r})")
+            last = float(t)
+            kinds = [k for k in self.OP_KINDS if k in op]
+            self._require(len(kinds) == 1, f"{where}: needs exactly one of "
+                          f"{', '.join(self.OP_KINDS)}, got {', '.join(kinds) or 'none'}")
+            stream, item = self._op(kinds[0], op, where)
+            self.by_stream[stream].append((float(t), item))
+        self.sent = dict.fromkeys(self.by_stream, 0)
+
+    def _op(self, kind: str, op: dict[str, Any], where: str
+            ) -> tuple[str, Emission | dict[str, Any]]:
+        """The stream an op goes to and its emission (a plan's is built at send time)."""
+        key = op.get("key")
+        self._require(key is None or (isinstance(key, str) and key), f"{where}.key: must be "
+                      f"a non-empty string")
+        if kind == "plan":
+            plan = op["plan"]
+            self._require(isinstance(plan, dict) and plan, f"{where}.plan: must be a table "
+                          f"of plan fields")
+            fields: dict[str, str | bytes] = {}
+            for k, v in plan.items():
+                if isinstance(v, dict) and set(v) == {"hex"} and isinstance(v["hex"], str):
+                    try:
+                        fields[k] = bytes.fromhex(v["hex"])
+                    except ValueError:
+                        self._require(False, f"{where}.plan.{k}.hex: not hexadecimal")
+                else:
+                    self._require(isinstance(v, str), f"{where}.plan.{k}: must be a string "
+                                  f"or {{ hex = \"...\" }}, got {v!r}")
+                    fields[k] = v
+            key = key or fields.get("plan_id")
+            self._require(isinstance(key, str) and bool(key), f"{where}: a plan without a "
+                          f"text plan_id needs `key`")
+            age = op.get("age_ms")
+            self._require(age is None or (isinstance(age, int) and not isinstance(age, bool)),
+                          f"{where}.age_ms: must be an integer")
+            meta = op.get("meta", {})
+            self._require(isinstance(meta, dict), f"{where}.meta: must be a table")
+            symbol = op.get("symbol", fields.get("symbol"))
+            return "ops", {"key": key, "fields": fields, "age_ms": age, "meta": meta,
+                           "symbol": symbol if isinstance(symbol, str) else None}
+        for k in ("age_ms", "meta"):
+            self._require(k not in op, f"{where}.{k}: only a plan op has it")
+        if kind == "regime":
+            regime, previous = op["regime"], op.get("previous")
+            self._require(regime in REGIMES, f"{where}.regime: must be one of "
+                          f"{', '.join(REGIMES)}, got {regime!r}")
+            self._require(previous is None or isinstance(previous, str),
+                          f"{where}.previous: must be a string")
+            return "ops", SetRegime(key or f"regime-{self.index}-r{len(self.by_stream['ops'])}",
+                                    regime, previous)
+        if kind == "pnl":
+            pnl, symbol = op["pnl"], op.get("symbol")
+            self._require(not isinstance(pnl, bool) and isinstance(pnl, int | float)
+                          and math.isfinite(pnl), f"{where}.pnl: must be a finite number")
+            self._require(isinstance(symbol, str) and bool(symbol),
+                          f"{where}.symbol: a pnl op needs the symbol")
+            return "pnl", SetPnl(key or f"pnl-{self.index}-r{len(self.by_stream['pnl'])}",
+                                 symbol, float(pnl))
+        self._require(op["initial_regime"] is True, f"{where}.initial_regime: must be true")
+        return "initial", {}
+
+    def streams(self) -> list[Stream]:
+        needs = {"ops": frozenset(), "pnl": frozenset({"ledger"}),
+                 "initial": frozenset({"regime"})}
+        return [Stream(name, 0.0, needs=needs[name], times=tuple(t for t, _ in items))
+                for name, items in self.by_stream.items() if items]
+
+    @property
+    def plan_ops(self) -> int:
+        """Plans this replay sends (what coverage asks of it)."""
+        return sum(1 for _, it in self.by_stream["ops"] if isinstance(it, dict))
+
+    def next(self, stream: str, now_ms: int, view: MarketView) -> list[Emission]:
+        k = self.sent[stream]
+        self.sent[stream] = k + 1
+        _, item = self.by_stream[stream][k]
+        if stream == "initial":
+            return [InitialRegime(view.regime)] if view.regime is not None else []
+        if not isinstance(item, dict):
+            return [item]
+        fields = dict(item["fields"])
+        if item["age_ms"] is not None:
+            fields["intent_created_at_ms"] = str(now_ms - item["age_ms"])
+        return [SubmitPlan(item["key"], item["symbol"], fields,
+                           {"producer": self.p["producer"], **item["meta"]})]
+
+
 GENERATORS: dict[str, type[Generator]] = {
     g.kind: g for g in (OpenStorm, SameSymbol, DuplicateClose, RotationPressure, Stale, Drift,
-                        RegimeFlip, Malformed)
+                        RegimeFlip, Malformed, Replay)
 }
 assert set(GENERATORS) == set(WORKLOAD_KINDS), "workload kinds and generators disagree"
 
@@ -875,7 +1023,11 @@ class _Worker:
         streams = self.gen.streams()
         t0 = time.monotonic()
         deadline = t0 + self.ctx.duration_s
-        due = {s.name: t0 + s.first_s for s in streams}
+        # Timed streams (a replay) count from the run's workload start, when it is known.
+        origin = self.ctx.start_monotonic if self.ctx.start_monotonic is not None else t0
+        ticks = {s.name: 0 for s in streams}
+        due = {s.name: (origin + s.times[0]) if s.times is not None else t0 + s.first_s
+               for s in streams if s.times is None or s.times}
         by_name = {s.name: s for s in streams}
         log.info("%s: started (pid %d, %s)", self.name, os.getpid(),
                  ", ".join(f"{s.name} every {s.interval_s:g}s" for s in streams))
@@ -890,7 +1042,13 @@ class _Worker:
                     self._sleep(min(at, deadline) - now)
                     continue
                 s = by_name[name]
-                if s.once:
+                if s.times is not None:
+                    ticks[name] += 1
+                    if ticks[name] < len(s.times):
+                        due[name] = origin + s.times[ticks[name]]
+                    else:
+                        del due[name]
+                elif s.once:
                     del due[name]
                 else:
                     nxt = at + s.interval_s

@@ -51,7 +51,8 @@ from governor_ref.keys import Keys
 from governor_ref.protocol import Action, Plan, PlanError
 
 NOW = 1_800_000_000_000
-PLAN_KINDS = sorted(k for k in WORKLOAD_KINDS if k != "regime_flip")
+# replay sends a recorded list: no seed, no pace (tests/test_replay.py)
+PLAN_KINDS = sorted(k for k in WORKLOAD_KINDS if k not in ("regime_flip", "replay"))
 VALID_KINDS = [k for k in PLAN_KINDS if k != "malformed"]
 
 
