@@ -360,6 +360,13 @@ class Shrinker:
         the final verification's share of the budget."""
         n, k = self.opts.search_n, self.opts.search_k
         step = Step(name, Size.of(sc))
+        try:  # what the runner would refuse, refused here: no try, no verdict
+            scn.parse(scn.dump(sc))
+        except scn.ScenarioError as exc:
+            step.note = f"not a valid scenario: {exc}"
+            self.steps.append(step)
+            self.say(f"[{self.elapsed():5.0f}s] {name:<28} skipped: {step.note}")
+            return False
         for i in range(n):
             reserve = self._est_try_s() * (self.opts.tries + 1)
             if self._left() < reserve + self._est_try_s():
@@ -437,7 +444,8 @@ class Shrinker:
             cands.append(("seed: witness producers", _keep(
                 base, lambda p, op: p in with_witness and up_to(op), until)))
         cands.append(("seed: up to the violation", _keep(base, lambda p, op: up_to(op), until)))
-        cands.append(("seed: the whole replay", replay))
+        cands.append(("seed: the whole replay", _fit_duration(
+            replay, max(replay.duration_s, _last_t(replay) + SETTLE_S))))
         return self.first([(n, c) for n, c in cands if _plans(c) or not _plans(replay)])
 
     def _windows(self) -> list[dict[str, Any]]:
@@ -514,7 +522,7 @@ class Shrinker:
         assert self.current is not None
         for w in sorted(_producers(self.current), key=lambda w: -len(_ops(w))):
             name = str(w.params.get("producer", ""))
-            ids = [_plan_id(op) or "" for op in _ops(w) if _is_plan(op)]
+            ids = [_plan_id(x) or "" for x in _ops(w) if _is_plan(x)]
             if len(ids) < 2:
                 continue
 
@@ -696,9 +704,9 @@ class Shrinker:
                          f"{z.duration_s}s | {s.failures}/{len(s.tries)} | "
                          f"{'yes' if s.accepted else 'no'} |")
         if self.current is not None:
-            lines += ["", f"Run it: `chaos run --scenario {self.out / 'repro.toml'}`" +
-                      (f" --governor-cmd '{self.governor_cmd}'" if self.governor_cmd
-                       else f" --governor {self.governor}")]
+            lines += ["", f"Run it: `chaos run --scenario {self.out / 'repro.toml'}" +
+                      (f" --governor-cmd '{self.governor_cmd}'`" if self.governor_cmd
+                       else f" --governor {self.governor}`")]
         _atomic(self.out / "shrink.md", "\n".join(lines) + "\n")
 
 
