@@ -143,6 +143,31 @@ def _merge(ws: Sequence[scn.WorkloadSpec], name: str) -> scn.WorkloadSpec:
                                                   "ops": ops})
 
 
+def ddmin(items: list[str], fails: Callable[[list[str]], bool]) -> list[str]:
+    """Zeller's delta debugging: a subset of ``items`` for which ``fails`` holds and from
+    which no single chunk at the finest split can be removed (1-minimal when the split
+    reaches single items). ``fails(items)`` is taken as true."""
+    n = 2
+    while len(items) >= 2:
+        size = math.ceil(len(items) / n)
+        chunks = [items[i:i + size] for i in range(0, len(items), size)]
+        found = next((c for c in chunks if fails(c)), None)
+        if found is not None:
+            items, n = found, 2
+            continue
+        if len(chunks) > 2:
+            comps = ([x for j, ch in enumerate(chunks) if j != i for x in ch]
+                     for i in range(len(chunks)))
+            found = next((c for c in comps if fails(c)), None)
+            if found is not None:
+                items, n = found, max(n - 1, 2)
+                continue
+        if n >= len(items):
+            break
+        n = min(len(items), 2 * n)
+    return items
+
+
 # -- the original run ---------------------------------------------------------------------
 @dataclass
 class Original:
@@ -572,36 +597,17 @@ class Shrinker:
 
     def ddmin(self, what: str, items: list[str],
               build: Callable[[Sequence[str]], scn.Scenario]) -> list[str]:
-        """Zeller's delta debugging: the smallest subset of ``items`` (1-minimal, as far
-        as the tries can tell) whose scenario still fails."""
+        """:func:`ddmin` with each subset judged by tries (each subset at most once)."""
         cache: dict[frozenset[str], bool] = {frozenset(items): True}
+        total = len(items)
 
-        def test(sub: list[str], how: str) -> bool:
+        def test(sub: list[str]) -> bool:
             key = frozenset(sub)
             if key not in cache:
-                cache[key] = self.judge(f"{what}: {how}", build(sub))
+                cache[key] = self.judge(f"{what}: {len(sub)} of {total}", build(sub))
             return cache[key]
 
-        n = 2
-        while len(items) >= 2:
-            size = math.ceil(len(items) / n)
-            chunks = [items[i:i + size] for i in range(0, len(items), size)]
-            done = False
-            for c in chunks:
-                if test(c, f"{len(c)} of {len(items)}"):
-                    items, n, done = c, 2, True
-                    break
-            if not done and len(chunks) > 2:
-                for i in range(len(chunks)):
-                    comp = [x for j, ch in enumerate(chunks) if j != i for x in ch]
-                    if test(comp, f"{len(comp)} of {len(items)}"):
-                        items, n, done = comp, max(n - 1, 2), True
-                        break
-            if not done:
-                if n >= len(items):
-                    break
-                n = min(len(items), 2 * n)
-        return items
+        return ddmin(items, test)
 
     # -- verification and output --------------------------------------------------------------
     def verify(self) -> None:
