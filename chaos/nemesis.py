@@ -73,6 +73,13 @@ fault) or ``"all"``; Redis, proxy and apply-layer faults ignore it:
     installed". Only the governor's own clock moves: Redis ``TIME`` (which the reference
     governor's scripts use) does not.
 
+Anchors: a fault with ``after`` (:class:`chaos.scenario.AnchorSpec`) has no time; it starts
+once, ``delay`` seconds after the ``n``-th matching event (:mod:`chaos.anchors` watches the
+streams and the apply layer). Its start invoke carries ``after`` (the anchor), ``anchor_event``
+(the event: entry id, plan id, symbol, governor, its time) and ``anchor_lag_ms`` (event to
+fault start). An anchor whose event never came by :meth:`Nemesis.stop` is recorded as an
+``info`` fault op with ``phase=not_fired`` (and the matches seen), and warned about.
+
 Resources: two faults that would fight over one thing (two pauses of one governor, two
 ``slow_exchange`` windows, a ``kill_redis`` during a ``pause_redis``...) never overlap; the
 later one fails with "conflicts with active fault ...". :meth:`Nemesis.heal_all` ends every
@@ -103,6 +110,7 @@ from redis.retry import Retry
 from governor_ref.keys import Keys
 from governor_ref.protocol import GovernorConfig
 
+from .anchors import AnchorEvent, AnchorWatcher
 from .apply_layer import ApplyLayer
 from .history import F, HistoryWriter
 from .proxy import PARTITION_MODES, FaultProxy
@@ -133,7 +141,8 @@ DEFAULT_FAKETIME_LIBS: tuple[str, ...] = (
     "/usr/local/lib/faketime/libfaketime.so.1",
 )
 
-_RESERVED = frozenset({"f", "key", "symbol", "kind", "phase", "target", "error"})
+_RESERVED = frozenset({"f", "key", "symbol", "kind", "phase", "target", "error", "after",
+                       "anchor_event", "anchor_lag_ms"})
 
 
 class FaultUnavailable(RuntimeError):
@@ -243,6 +252,11 @@ def _attempt(what: str, fn: Callable[..., Any], *args: Any) -> bool:
     return True
 
 
+def _anchor_record(a: Any) -> dict[str, Any]:
+    """An AnchorSpec as the history shows it: the fields that are set."""
+    return {k: v for k, v in vars(a).items() if v is not None}
+
+
 def _flat(params: dict[str, Any]) -> dict[str, Any]:
     """Spec params as history fields; names that would clash with ours get ``param_``."""
     return {(f"param_{k}" if k in _RESERVED else k): v for k, v in params.items()}
@@ -274,6 +288,7 @@ class NemesisContext:
     keys: Keys = field(default_factory=Keys)
     config: GovernorConfig = field(default_factory=GovernorConfig)
     admin: Callable[[], Redis] | None = None
+    raw_admin: Callable[[], Redis] | None = None  # bytes in and out: the anchor watcher's
     rng: random.Random = field(default_factory=lambda: random.Random(0))
     faketime_search: Sequence[str] | None = None
 
@@ -283,6 +298,14 @@ class NemesisContext:
         if self.redis is None:
             raise FaultUnavailable("no Redis provider and no admin client factory")
         return _no_retry_client(self.redis)
+
+    def raw_client(self) -> Redis:
+        if self.raw_admin is not None:
+            return self.raw_admin()
+        if self.redis is None:
+            raise FaultUnavailable("no Redis provider and no raw client factory")
+        return self.redis.client(decode_responses=False, socket_timeout=5.0,
+                                 socket_connect_timeout=5.0, retry=Retry(NoBackoff(), 0))
 
 
 # --------------------------------------------------------------------------- fault kinds
@@ -758,6 +781,8 @@ class _Occurrence:
     cancel: threading.Event = field(default_factory=threading.Event)
     healing: bool = False  # ended by heal_all, whichever thread records the stop
     thread: threading.Thread | None = None
+    anchor_event: AnchorEvent | None = None  # what an anchored fault started on
+    anchor_lag_ms: float | None = None  # from that event to the start's invoke
 
 
 class Nemesis:
@@ -792,6 +817,8 @@ class Nemesis:
         self._memory_baseline: dict[str, Any] = {}
         self._ballast: set[str] = set()
         self._ballast_seq = itertools.count(1)
+        self._watcher: AnchorWatcher | None = None
+        self._not_fired: dict[int, int] | None = None  # slot -> matches seen, at stop
 
     # -- context manager
     def __enter__(self) -> Nemesis:
@@ -809,17 +836,89 @@ class Nemesis:
             if self._stop.is_set():
                 raise RuntimeError("nemesis already stopped")
             t0 = time.monotonic() if t0_monotonic is None else t0_monotonic
+            anchored = [(i, f.after) for i, f in enumerate(self.faults) if f.after is not None]
+            if anchored:
+                self._watcher = AnchorWatcher(self.ctx.raw_client, self.ctx.keys, anchored,
+                                              self._fire).start()
             self._thread = threading.Thread(target=self._schedule, args=(t0,),
                                             name="nemesis", daemon=True)
             self._thread.start()
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Start no more faults. Active ones end at their time (or at :meth:`heal_all`)."""
+        """Start no more faults. Active ones end at their time (or at :meth:`heal_all`).
+        Anchored faults whose event has not come are recorded as not fired."""
         self._stop.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
+        watcher = self._watcher
+        if watcher is not None and watcher._thread is not threading.current_thread():
+            watcher.stop(timeout)
+        with self._lock:
+            if watcher is None or self._not_fired is not None:
+                return
+            self._not_fired = watcher.pending()
+        for slot, seen in self._not_fired.items():
+            after = self.faults[slot].after
+            assert after is not None
+            self._record_not_fired(slot, seen, f"its event came {seen} time(s) of {after.n}")
+
+    def _record_not_fired(self, slot: int, seen: int, why: str) -> None:
+        spec = self.faults[slot]
+        assert spec.after is not None
+        self.ctx.history.info(F.FAULT, key=f"{spec.kind}-anchor{slot}", kind=spec.kind,
+                              phase="not_fired", target=spec.target, slot=slot,
+                              after=_anchor_record(spec.after), matched=seen, why=why)
+        log.warning("nemesis: fault[%d] %s (after %s) never fired: %s", slot, spec.kind,
+                    spec.after.describe(), why)
+
+    def on_apply_record(self, rec: dict[str, Any]) -> None:
+        """The apply layer's ``on_record`` (after the history's): ``take`` anchors."""
+        if self._watcher is not None:
+            self._watcher.on_apply_record(rec)
+
+    def _fire(self, slot: int, ev: AnchorEvent) -> None:
+        """An anchor's event came (the watcher's thread): start its fault, now or after its
+        delay, unless the nemesis is stopping."""
+        spec = self.faults[slot]
+        after = spec.after
+        assert after is not None
+        late = "its event came as the workload ended"
+        if self._stop.is_set():
+            self._record_not_fired(slot, after.n, late)
+            return
+        if after.delay <= 0:
+            self._launch(spec, slot, ev)
+            return
+
+        def later() -> None:
+            if self._stop.wait(after.delay):
+                self._record_not_fired(slot, after.n, f"{late} (within its delay)")
+            else:
+                self._launch(spec, slot, ev)
+
+        threading.Thread(target=later, name=f"nemesis-anchor{slot}", daemon=True).start()
+
+    def anchor_report(self) -> list[dict[str, Any]]:
+        """Per anchored fault: its anchor, whether it fired, on which event, how late the
+        fault started (run.json's ``anchors``)."""
+        out = []
+        with self._lock:
+            occs = {o.slot: o for o in self._occurrences if o.anchor_event is not None}
+        for slot, spec in enumerate(self.faults):
+            if spec.after is None:
+                continue
+            occ = occs.get(slot)
+            row: dict[str, Any] = {"fault": slot, "kind": spec.kind,
+                                   "after": _anchor_record(spec.after), "fired": occ is not None}
+            if occ is not None and occ.anchor_event is not None:
+                row.update(fault_id=occ.fault_id, state=occ.state,
+                           event=occ.anchor_event.record(), lag_ms=occ.anchor_lag_ms)
+            elif self._watcher is not None:
+                row["matched"] = self._watcher.seen.get(slot, 0)
+            out.append(row)
+        return out
 
     def inject(self, spec: FaultSpec) -> str:
         """Start one fault now, outside the schedule (same records); returns its id."""
@@ -828,7 +927,7 @@ class Nemesis:
         return self._launch(spec, None).fault_id
 
     def _schedule(self, t0: float) -> None:
-        due = [(t0 + spec.at, i) for i, spec in enumerate(self.faults)]
+        due = [(t0 + spec.at, i) for i, spec in enumerate(self.faults) if spec.after is None]
         heapq.heapify(due)
         while due and not self._stop.is_set():
             when, i = due[0]
@@ -848,8 +947,10 @@ class Nemesis:
             except Exception:  # noqa: BLE001 - the schedule must outlive one bad fault
                 log.exception("nemesis: could not launch %s", spec.kind)
 
-    def _launch(self, spec: FaultSpec, slot: int | None) -> _Occurrence:
-        occ = _Occurrence(f"{spec.kind}-{next(self._seq)}", spec, slot)
+    def _launch(self, spec: FaultSpec, slot: int | None,
+                anchor_event: AnchorEvent | None = None) -> _Occurrence:
+        occ = _Occurrence(f"{spec.kind}-{next(self._seq)}", spec, slot,
+                          anchor_event=anchor_event)
         with self._lock:
             self._occurrences.append(occ)
             if slot is not None:
@@ -890,8 +991,15 @@ class Nemesis:
         """Record and apply the start (occ.lock held); False when it failed."""
         spec, h = occ.spec, self.ctx.history
         occ.state = "starting"
-        op = h.invoke(F.FAULT, key=occ.fault_id, **_flat(spec.params), kind=spec.kind,
-                      phase="start", target=spec.target)
+        anchor: dict[str, Any] = {}
+        ev = occ.anchor_event
+        if ev is not None and spec.after is not None:
+            lag = ev.lag_ms(time.time_ns(), time.monotonic_ns())
+            occ.anchor_lag_ms = lag
+            anchor = {"after": _anchor_record(spec.after), "anchor_event": ev.record(),
+                      "anchor_lag_ms": lag}
+        op = h.invoke(F.FAULT, key=occ.fault_id, **_flat(spec.params), **anchor,
+                      kind=spec.kind, phase="start", target=spec.target)
         occ.start_ns = op.time_ns
         occ.handler = _KINDS[spec.kind](self, occ)
         try:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Self
 
 import redis
 
@@ -33,28 +33,35 @@ def _id_tuple(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-class StreamRecorder:
-    """Tails the plan, decision and result streams into the history.
+class StreamTail:
+    """Tails streams from ``cursors`` (stream -> last id seen) with plain XREAD BLOCK on a
+    connection of its own, handing each entry to :meth:`on_entry`; reconnects with backoff
+    and reads a stream again from the start when Redis lost it (:meth:`on_reset`).
 
     ``client_factory`` must return a client with ``decode_responses=False``:
     plans may carry bytes that are not UTF-8 (bad input is a scenario), and a
     decoding client would fail on them; fields are decoded here, leniently.
     """
 
-    def __init__(self, client_factory: Callable[[], redis.Redis], keys: Keys,
-                 history: HistoryWriter, block_ms: int = 200) -> None:
+    name = "stream-tail"
+
+    def __init__(self, client_factory: Callable[[], redis.Redis], cursors: dict[str, str],
+                 block_ms: int = 200) -> None:
         self.client_factory = client_factory
-        self.keys = keys
-        self.history = history
         self.block_ms = block_ms
-        self.cursors = {keys.plans: "0-0", keys.events: "0-0", keys.results: "0-0"}
-        self.counts = {keys.plans: 0, keys.events: 0, keys.results: 0}
+        self.cursors = dict(cursors)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._r: redis.Redis | None = None
 
-    def start(self) -> StreamRecorder:
-        self._thread = threading.Thread(target=self.run, name="recorder", daemon=True)
+    def on_entry(self, stream: str, entry_id: str, fields: dict[str, str]) -> None:
+        raise NotImplementedError
+
+    def on_reset(self, stream: str, cursor: str, last: str) -> None:  # noqa: B027 - optional
+        pass
+
+    def start(self) -> Self:
+        self._thread = threading.Thread(target=self.run, name=self.name, daemon=True)
         self._thread.start()
         return self
 
@@ -74,11 +81,11 @@ class StreamRecorder:
                 backoff.ok()
             except (redis.ConnectionError, redis.TimeoutError, OSError,
                     redis.ResponseError) as exc:
-                log.debug("recorder: %s; retrying", exc)
+                log.debug("%s: %s; retrying", self.name, exc)
                 self._r = None
                 backoff.fail(self._stop)
             except Exception:  # noqa: BLE001 - a dead recorder would make evidence vanish
-                log.exception("recorder: unexpected error; retrying")
+                log.exception("%s: unexpected error; retrying", self.name)
                 self._r = None
                 backoff.fail(self._stop)
 
@@ -90,7 +97,7 @@ class StreamRecorder:
             stream = stream.decode() if isinstance(stream, bytes) else stream
             for entry_id, fields in entries:
                 entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-                self._record(stream, entry_id, _decode(fields))
+                self.on_entry(stream, entry_id, _decode(fields))
                 self.cursors[stream] = entry_id
                 n += 1
         return n
@@ -111,13 +118,30 @@ class StreamRecorder:
                 last = "0-0"
             last = last.decode() if isinstance(last, bytes) else str(last)
             if _id_tuple(last) < _id_tuple(cursor):
-                log.warning("recorder: %s restarted below our cursor (data lost); rereading",
-                            stream)
-                self.history.info(F.PHASE, key="stream_reset", stream=stream,
-                                  cursor=cursor, last_id=last)
+                log.warning("%s: %s restarted below our cursor (data lost); rereading",
+                            self.name, stream)
+                self.on_reset(stream, cursor, last)
                 self.cursors[stream] = "0-0"
 
-    def _record(self, stream: str, entry_id: str, fields: dict[str, str]) -> None:
+
+class StreamRecorder(StreamTail):
+    """Tails the plan, decision and result streams into the history, from their start."""
+
+    name = "recorder"
+
+    def __init__(self, client_factory: Callable[[], redis.Redis], keys: Keys,
+                 history: HistoryWriter, block_ms: int = 200) -> None:
+        super().__init__(client_factory, dict.fromkeys((keys.plans, keys.events, keys.results),
+                                                       "0-0"), block_ms)
+        self.keys = keys
+        self.history = history
+        self.counts = {keys.plans: 0, keys.events: 0, keys.results: 0}
+
+    def on_reset(self, stream: str, cursor: str, last: str) -> None:
+        self.history.info(F.PHASE, key="stream_reset", stream=stream, cursor=cursor,
+                          last_id=last)
+
+    def on_entry(self, stream: str, entry_id: str, fields: dict[str, str]) -> None:
         self.counts[stream] += 1
         f = {self.keys.events: F.DECISION, self.keys.results: F.RESULT}.get(stream, F.PLAN)
         self.history.record(OpType.OK, f, key=fields.get("plan_id"), symbol=fields.get("symbol"),

@@ -352,19 +352,25 @@ class Run:
             prefix=self.keys.prefix, run_dir=str(self.run_dir), seed=self.sc.seed,
             duration_s=self.sc.duration_s, symbols=self.symbols(),
             config=self.sc.governor_config().to_hash(),
-            ledger_path=str(self.run_dir / "ledger.sqlite"), capital=self.sc.market.capital)
+            ledger_path=str(self.run_dir / "ledger.sqlite"), capital=self.sc.market.capital,
+            start_monotonic=t0)
+        if self.sc.faults:
+            # Before the producers: event anchors count from the streams' ends as of now.
+            nctx = NemesisContext(
+                supervisor=self.supervisor, redis=self.provider, proxy=self.proxy,
+                apply_layer=self.apply, keys=self.keys, config=self.sc.governor_config(),
+                admin=self.admin, raw_admin=self.raw_admin,
+                rng=random.Random(self.sc.seed + 7919), history=self.writer("nemesis"))
+            self.nemesis = Nemesis(nctx, list(self.sc.faults))
+            if self.apply is not None and any(f.after is not None and f.after.event == "take"
+                                              for f in self.sc.faults):
+                self.apply.on_record = _chain(self.apply.on_record,
+                                              self.nemesis.on_apply_record)
+            self.nemesis.start(t0)
         if self.sc.workloads:
             # Children log to stderr: warnings only (their counts go to workloads/*.json).
             self.workloads = start_workloads(list(self.sc.workloads), ctx,
                                              log_level=logging.WARNING)
-        if self.sc.faults:
-            nctx = NemesisContext(
-                supervisor=self.supervisor, redis=self.provider, proxy=self.proxy,
-                apply_layer=self.apply, keys=self.keys, config=self.sc.governor_config(),
-                admin=self.admin, rng=random.Random(self.sc.seed + 7919),
-                history=self.writer("nemesis"))
-            self.nemesis = Nemesis(nctx, list(self.sc.faults))
-            self.nemesis.start(t0)
 
     # -- the whole run ----------------------------------------------------------------------
     def execute(self) -> RunResult:
@@ -638,6 +644,8 @@ class Run:
         if self.workloads is not None:
             s["workload_exitcodes"] = self.workloads.exitcodes()
         if self.nemesis is not None:
+            if any(f.after is not None for f in self.sc.faults):
+                s["anchors"] = self.nemesis.anchor_report()
             s["fault_windows"] = self.nemesis.windows()
             s["faults_launched"] = len(self.nemesis.fault_ids())
         return s
@@ -723,6 +731,17 @@ def check_out(out: Path | None) -> None:
     if history_files(out) or used:
         raise scn.ScenarioError(f"--out {out} already holds a run "
                                 f"({', '.join(used) or 'history/*.jsonl'}); give a new directory")
+
+
+def _chain(*hooks: Callable[[dict[str, Any]], None] | None
+           ) -> Callable[[dict[str, Any]], None]:
+    """One ``on_record`` calling each hook in turn (the history's first)."""
+    live = [h for h in hooks if h is not None]
+
+    def hook(rec: dict[str, Any]) -> None:
+        for h in live:
+            h(rec)
+    return hook
 
 
 def _redacted_spec(sc: scn.Scenario) -> dict[str, Any]:

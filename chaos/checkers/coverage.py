@@ -64,6 +64,10 @@ def _per_process(w: dict[str, Any], duration_s: float) -> float | None:
     params = w.get("params") or {}
     if kind in _NOT_PRODUCERS:
         return 0.0
+    if kind == "replay":  # exactly its recorded plans
+        ops = params.get("ops")
+        return float(sum(1 for op in ops if isinstance(op, dict) and "plan" in op)) \
+            if isinstance(ops, list) else None
     if kind == "duplicate_close":  # one burst per period: 1 OPEN or 3 CLOSEs
         return duration_s * 1000.0 / float(params.get("period_ms", 100.0))
     rate = float(w.get("rate") or 0.0)
@@ -94,6 +98,13 @@ def _faults_scheduled(faults: list[dict[str, Any]], duration_s: float) -> int:
             continue
         n += 1 + (math.floor((duration_s - at) / every - 1e-9) if every > 0 else 0)
     return n
+
+
+def _describe(after: Any) -> str:
+    """An anchor as the history records it, as the scenario file writes it."""
+    if not isinstance(after, dict):
+        return str(after)
+    return "{ " + ", ".join(f"{k} = {v!r}" for k, v in after.items()) + " }"
 
 
 def _summaries(run_dir: Path) -> dict[str, dict[str, Any]]:
@@ -139,6 +150,7 @@ def coverage(facts: Facts) -> dict[str, Any]:
         "faults_scheduled": None,
         "faults_applied": sum(1 for w in facts.faults if w.ok),
         "faults_failed": sum(1 for w in facts.faults if not w.ok),
+        "faults_not_fired": len(facts.faults_not_fired),
         "producers": {},
         "exercised": None,
         "not_exercised": [],
@@ -176,6 +188,10 @@ def coverage(facts: Facts) -> dict[str, Any]:
                                "stopped_by": s.get("stopped_by")}
                         for name, s in summaries.items()}
     cov["not_exercised"] = not_exercised(cov, processes, _may_permit(workloads))
+    # An anchored fault that never fired: the run did not do what the scenario asked.
+    cov["not_exercised"] += [
+        f"fault[{v.get('slot', '?')}] {v.get('kind', '?')} never fired: {v.get('why', '')} "
+        f"(after {_describe(v.get('after'))})" for v in facts.faults_not_fired]
     cov["exercised"] = not cov["not_exercised"]
     return cov
 

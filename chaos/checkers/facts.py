@@ -173,6 +173,8 @@ class Facts:
     # PERMIT / BLOCK entries that break the protocol (the ``protocol`` checker's), by time
     bad_decisions: list[BadDecision] = field(default_factory=list)
     faults: list[FaultWindow] = field(default_factory=list)
+    # anchored faults whose event never came (the nemesis's ``not_fired`` fault ops)
+    faults_not_fired: list[dict[str, Any]] = field(default_factory=list)
     probes: dict[str, dict[str, Any]] = field(default_factory=dict)
     phases: dict[str, dict[str, int]] = field(default_factory=dict)
     governor_events: list[dict[str, Any]] = field(default_factory=list)
@@ -1121,6 +1123,8 @@ def _gather(run_dir: Path, workers: int | None) -> Facts:
                 w = open_faults.pop(key)
                 w.stop_ms = ms
                 facts.faults.append(w)
+            elif phase == "not_fired":
+                facts.faults_not_fired.append(v)
         elif f == F.PROBE and key:
             p = facts.probes.setdefault(key, {"probe": v.get("probe"),
                                               "symbol": op.symbol})
