@@ -48,6 +48,7 @@ from chaos.history import iter_history
 
 SETTLE_S = 1.0  # a candidate's duration after its last operation: decisions and orders land
 MIN_DURATION_S = 0.5
+SHIFT_TO_S = 0.2  # where the time step moves the first operation to
 SEARCH_TRIES = 4  # tries per candidate during the search (at most --tries)
 TARGETS = {"faults": 1, "producers": 3, "plans": 50}
 MAX_STEP_BACK = 2  # accepted candidates re-verified when the final one misses the rate
@@ -329,6 +330,7 @@ class Shrinker:
         self.accepted: list[scn.Scenario] = []
         self.verification: Step | None = None
         self.stopped_because = ""
+        self.shifted_s = 0.0  # how much earlier the operations run than in the original
         self.governor, self.governor_cmd = opts.governor, opts.governor_cmd
         if self.governor is None and self.governor_cmd is None:
             label = orig.governor
@@ -439,6 +441,7 @@ class Shrinker:
             if not self.seed(replay):
                 self.stopped_because = "no candidate, not even the whole replay, still fails"
                 return
+            self.shift_start()
             self.shrink_faults()
             self.anchor_fault()
             self.shrink_producers()
@@ -473,6 +476,31 @@ class Shrinker:
             replay, max(replay.duration_s, _last_t(replay) + SETTLE_S))))
         return self.first([(n, c) for n, c in cands if _plans(c) or not _plans(replay)])
 
+    def shift_start(self) -> None:
+        """Every operation (and a time-anchored fault) moved earlier so that the first is
+        sent :data:`SHIFT_TO_S` after the workload starts: every later try is shorter by
+        as much. Kept only if it still fails (the governors are younger when it starts)."""
+        sc = self.current
+        assert sc is not None
+        first = min((float(op.get("t", 0)) for w in sc.workloads for op in _ops(w)),
+                    default=0.0)
+        shift = first - SHIFT_TO_S
+        timed = [f.at for f in sc.faults if f.after is None]
+        shift = min([shift, *timed])
+        if shift < 0.5:
+            return
+
+        def moved(w: scn.WorkloadSpec) -> scn.WorkloadSpec:
+            return _with_ops(w, [{**op, "t": round(float(op.get("t", 0)) - shift, 3)}
+                                 for op in _ops(w)]) if _ops(w) else w
+
+        faults = tuple(replace(f, at=round(f.at - shift, 3)) if f.after is None else f
+                       for f in sc.faults)
+        cand = _fit_duration(replace(sc, workloads=tuple(map(moved, sc.workloads)),
+                                     faults=faults))
+        if self.first([(f"time: {shift:.2f}s earlier", cand)]):
+            self.shifted_s += shift
+
     def _windows(self) -> list[dict[str, Any]]:
         """The original's fault firings, the one active at the violation first, then those
         before it, latest first (at most 3)."""
@@ -497,7 +525,9 @@ class Shrinker:
                 target = spec.target
                 if spec.kind in scn.GOVERNOR_FAULTS and w.get("resolved_target"):
                     target = w["resolved_target"]
-                at = round(max(0.0, (w["start_ms"] - self.orig.workload_ms) / 1000), 3)
+                at = round((w["start_ms"] - self.orig.workload_ms) / 1000 - self.shifted_s, 3)
+                if at < 0:
+                    continue
                 one = replace(spec, at=at, every=0.0, target=target)
                 cands.append((f"faults: one {spec.kind} at {at:g}s",
                               _fit_duration(replace(sc, faults=(one,)))))
@@ -511,7 +541,7 @@ class Shrinker:
         if len(sc.faults) != 1 or sc.faults[0].after is not None or sc.faults[0].every:
             return
         f = sc.faults[0]
-        start_ms = self.orig.workload_ms + int(f.at * 1000)
+        start_ms = self.orig.workload_ms + int((f.at + self.shifted_s) * 1000)
         kept = {_plan_id(op) for op in _plans(sc)}
         before = [(ms, pid) for ms, pid in self.orig.permits if ms <= start_ms and pid in kept]
         if not before:
