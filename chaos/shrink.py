@@ -122,20 +122,35 @@ def _fit_duration(sc: scn.Scenario, duration: float | None = None) -> scn.Scenar
 
 
 def _keep(sc: scn.Scenario, keep: Callable[[str, dict[str, Any]], bool],
-          until: float | None = None) -> scn.Scenario:
-    """The scenario with only the plan ops ``keep(producer, op)`` accepts (other ops stay,
-    up to ``until``), producers left without a plan dropped, the duration refitted."""
+          until: float | None = None, producers: set[str] | None = None) -> scn.Scenario:
+    """The scenario with only the plan ops ``keep(producer, op)`` accepts and only the
+    ``producers`` named (default all); other ops stay (up to ``until``); a producer whose
+    plans are all gone is dropped (one that never had any, an operator, stays); the
+    duration is refitted."""
     out = []
     for w in sc.workloads:
-        if w.kind != "replay":
-            out.append(w)
-            continue
         name = str(w.params.get("producer", ""))
+        if w.kind != "replay" or (producers is not None and name not in producers):
+            if w.kind != "replay":
+                out.append(w)
+            continue
         ops = [op for op in _ops(w) if (keep(name, op) if _is_plan(op) else
                                         until is None or float(op.get("t", 0)) <= until)]
-        if any(_is_plan(op) for op in ops):
+        had_plans = any(_is_plan(op) for op in _ops(w))
+        if ops and (any(_is_plan(op) for op in ops) or not had_plans):
             out.append(_with_ops(w, ops))
     return _fit_duration(replace(sc, workloads=tuple(out)))
+
+
+def _renamed(op: dict[str, Any], mapping: dict[str, str]) -> dict[str, Any]:
+    """A replay op with its symbols renamed (the plan's, and the op's own when given)."""
+    out = dict(op)
+    if _is_plan(op) and isinstance(op["plan"].get("symbol"), str):
+        out["plan"] = {**op["plan"], "symbol": mapping.get(op["plan"]["symbol"],
+                                                           op["plan"]["symbol"])}
+    if isinstance(op.get("symbol"), str):
+        out["symbol"] = mapping.get(op["symbol"], op["symbol"])
+    return out
 
 
 def _merge(ws: Sequence[scn.WorkloadSpec], name: str) -> scn.WorkloadSpec:
@@ -559,7 +574,7 @@ class Shrinker:
         names = [str(w.params.get("producer", "")) for w in _producers(self.current)]
         if len(names) > 1:
             self.ddmin("producers", names, lambda sub: _keep(
-                self.current, lambda p, op: p in sub))  # type: ignore[arg-type]
+                self.current, lambda p, op: True, producers=set(sub)))  # type: ignore[arg-type]
         sc = self.current
         prods = _producers(sc)
         if len(prods) <= 1:
@@ -593,13 +608,13 @@ class Shrinker:
         to them (positions seeded before the run keep theirs)."""
         sc = self.current
         assert sc is not None
-        if any(not _is_plan(op) for w in _producers(sc) for op in _ops(w)):
-            return  # other operations may name symbols: left as they are
+        if any("pnl" in op for w in _producers(sc) for op in _ops(w)):
+            return  # pnl writes name open positions' symbols: left as they are
         names = [f"S{i:03d}USDT" for i in range(sc.market.symbols)]
         fixed = names[:sc.market.initial_positions]
         used = sorted({str(op["plan"].get("symbol")) for op in _plans(sc)} - set(fixed))
         if not set(used) <= set(names):
-            return
+            return  # a malformed plan's symbol, or bytes: left as they are
         mapping = dict(zip(used, names[len(fixed):], strict=False))
         count = len(fixed) + len(used)
         if count >= sc.market.symbols or count < 1:
@@ -607,8 +622,7 @@ class Shrinker:
         ws = []
         for w in sc.workloads:
             if w.kind == "replay":
-                ops = [{**op, "plan": {**op["plan"], "symbol": mapping.get(
-                    op["plan"].get("symbol"), op["plan"].get("symbol"))}} for op in _ops(w)]
+                ops = [_renamed(op, mapping) for op in _ops(w)]
                 w = _with_ops(w, ops)
             ws.append(w)
         faults = tuple(replace(f, after=replace(f.after, symbol=mapping.get(f.after.symbol,
