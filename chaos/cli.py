@@ -31,8 +31,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="WARNING")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="run one scenario against a governor; writes a run directory")
-    run.add_argument("--scenario", required=True,
-                     help="built-in scenario name (see `chaos scenarios`) or a .toml file")
+    what = run.add_mutually_exclusive_group(required=True)
+    what.add_argument("--scenario",
+                      help="built-in scenario name (see `chaos scenarios`) or a .toml file")
+    what.add_argument("--replay", type=Path, metavar="RUN_DIR",
+                      help="run a recorded run again: its plans, in order per producer, at "
+                           "their offsets, with its faults (docs/reproducers.md)")
     g = run.add_mutually_exclusive_group()
     g.add_argument("--governor", default="reference", choices=["reference", "seed", "legacy"],
                    help="a governor shipped with the project")
@@ -313,8 +317,14 @@ def _run(args: argparse.Namespace) -> int:
     from chaos.runner import HarnessError, RunOptions, check_out, run
 
     try:
-        sc = scn.load(args.scenario).with_overrides(seed=args.seed, duration_s=args.duration,
-                                                    governors=args.governors)
+        if args.replay is not None:
+            from chaos.replay import scenario_from_run
+
+            sc = scenario_from_run(args.replay)
+        else:
+            sc = scn.load(args.scenario)
+        sc = sc.with_overrides(seed=args.seed, duration_s=args.duration,
+                               governors=args.governors)
         redis_kind = _redis_args(args)
         kind = redis_kind or sc.redis.kind
         if kind == "url" and not (args.redis_url or sc.redis.url):

@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -340,20 +340,38 @@ class Run:
             raise HarnessError(f"the governor under test did not start: {exc}") from exc
         self.write_meta(governor_command=self.opts.governor_spec().display(), governor_pids=pids)
 
-    def start_load(self, t0: float) -> None:
-        from chaos.nemesis import Nemesis, NemesisContext
-        from chaos.workloads import WorkloadContext, start_workloads
+    def _workload_ctx(self) -> Any:
+        from chaos.workloads import WorkloadContext
 
         assert self.keys is not None
-        import random
-
-        ctx = WorkloadContext(
+        return WorkloadContext(
             redis_url=self.provider.url if self.provider is not None else "",
             prefix=self.keys.prefix, run_dir=str(self.run_dir), seed=self.sc.seed,
             duration_s=self.sc.duration_s, symbols=self.symbols(),
             config=self.sc.governor_config().to_hash(),
-            ledger_path=str(self.run_dir / "ledger.sqlite"), capital=self.sc.market.capital,
-            start_monotonic=t0)
+            ledger_path=str(self.run_dir / "ledger.sqlite"), capital=self.sc.market.capital)
+
+    def prestart_load(self) -> None:
+        """A replay's producers start before the workload does and wait, up and connected,
+        for its start: their first plans are due within tens of ms of it (at the offsets
+        the recording shows), sooner than a process comes up."""
+        from chaos.workloads import start_workloads
+
+        if not any(w.kind == "replay" for w in self.sc.workloads):
+            return
+        self.workloads = start_workloads(list(self.sc.workloads), self._workload_ctx(),
+                                         log_level=logging.WARNING, hold=True)
+        if not self.workloads.wait_ready(timeout=60):
+            log.warning("replay: not every producer came up within 60 s; starting anyway")
+
+    def start_load(self, t0: float) -> None:
+        from chaos.nemesis import Nemesis, NemesisContext
+        from chaos.workloads import start_workloads
+
+        assert self.keys is not None
+        import random
+
+        ctx = replace(self._workload_ctx(), start_monotonic=t0)
         if self.sc.faults:
             # Before the producers: event anchors count from the streams' ends as of now.
             nctx = NemesisContext(
@@ -367,7 +385,9 @@ class Run:
                 self.apply.on_record = _chain(self.apply.on_record,
                                               self.nemesis.on_apply_record)
             self.nemesis.start(t0)
-        if self.sc.workloads:
+        if self.workloads is not None:
+            self.workloads.release(t0)  # prestarted (a replay)
+        elif self.sc.workloads:
             # Children log to stderr: warnings only (their counts go to workloads/*.json).
             self.workloads = start_workloads(list(self.sc.workloads), ctx,
                                              log_level=logging.WARNING)
@@ -382,6 +402,7 @@ class Run:
             self.write_inputs()
             self.start_exchange()
             self.start_governors()
+            self.prestart_load()
             self._workload_op = phases.invoke(F.PHASE, key="workload")
             t0 = time.monotonic()
             self.start_load(t0)

@@ -260,6 +260,10 @@ PARAM_RANGES: dict[str, tuple[float, float]] = {
     "period_s": (0.001, 3600), "bad_fraction": (0, 1),
 }
 MAX_REPLAY_OPS = 1_000_000
+# A producer runs duration_s from its own start, which comes up to seconds after the
+# workload's (process start-up), so a recording holds ops after duration_s: a replay sends
+# them at their offsets too, up to this long after it (the runner waits 15 s for producers).
+REPLAY_TAIL_S = 10.0
 
 
 def _number(kind: str, name: str, value: Any) -> float:
@@ -284,6 +288,7 @@ class Generator:
 
     kind: ClassVar[str] = ""
     PARAMS: ClassVar[dict[str, Any]] = {}
+    writes_ledger = False  # sets pnl on the exchange without reading it first (a replay)
 
     def __init__(self, spec: WorkloadSpec, index: int, ctx: WorkloadContext,
                  rng: random.Random) -> None:
@@ -630,8 +635,10 @@ class Replay(Generator):
     def _check(self) -> None:
         self._require(self.spec.processes == 1, "processes must be 1 (one list of operations "
                       "is one producer)")
+        # One stream keeps the order of plans, regime and pnl writes; the regime read at
+        # start needs a read before it, so it has its own.
         self.by_stream: dict[str, list[tuple[float, Emission | dict[str, Any]]]] = {
-            "ops": [], "pnl": [], "initial": []}
+            "ops": [], "initial": []}
         last = -1.0
         for i, op in enumerate(self.p["ops"]):
             where = f"ops[{i}]"
@@ -641,9 +648,9 @@ class Replay(Generator):
                           f"known: {', '.join(sorted(self.OP_FIELDS))}")
             t = op.get("t")
             self._require(not isinstance(t, bool) and isinstance(t, int | float)
-                          and math.isfinite(t) and 0 <= t < self.duration_s,
-                          f"{where}.t: must be a number in [0, duration_s = "
-                          f"{self.duration_s:g}), got {t!r}")
+                          and math.isfinite(t) and 0 <= t < self.duration_s + REPLAY_TAIL_S,
+                          f"{where}.t: must be a number in [0, duration_s + "
+                          f"{REPLAY_TAIL_S:g} = {self.duration_s + REPLAY_TAIL_S:g}), got {t!r}")
             self._require(t >= last, f"{where}.t: ops must be in time order ({t!r} after "
                           f"{last!r})")
             last = float(t)
@@ -702,14 +709,14 @@ class Replay(Generator):
                           and math.isfinite(pnl), f"{where}.pnl: must be a finite number")
             self._require(isinstance(symbol, str) and bool(symbol),
                           f"{where}.symbol: a pnl op needs the symbol")
-            return "pnl", SetPnl(key or f"pnl-{self.index}-r{len(self.by_stream['pnl'])}",
+            self.writes_ledger = True
+            return "ops", SetPnl(key or f"pnl-{self.index}-r{len(self.by_stream['ops'])}",
                                  symbol, float(pnl))
         self._require(op["initial_regime"] is True, f"{where}.initial_regime: must be true")
         return "initial", {}
 
     def streams(self) -> list[Stream]:
-        needs = {"ops": frozenset(), "pnl": frozenset({"ledger"}),
-                 "initial": frozenset({"regime"})}
+        needs = {"ops": frozenset(), "initial": frozenset({"regime"})}
         return [Stream(name, 0.0, needs=needs[name], times=tuple(t for t, _ in items))
                 for name, items in self.by_stream.items() if items]
 
@@ -965,12 +972,46 @@ class StopSignal:
         return True
 
 
+class StartGate:
+    """Holds a group's workers, up and connected, until the workload starts (a replay: its
+    first ops are due tens of ms after the start, sooner than a process comes up).
+
+    Each worker marks itself ready and waits; :meth:`release` gives them all the start
+    (``time.monotonic()``, one clock for the host's processes) at once. Shared memory
+    polled, like :class:`StopSignal`, so a stopped worker can never block the parent."""
+
+    POLL_S = 0.001
+
+    def __init__(self, ctx: Any, workers: int) -> None:
+        self._origin = ctx.RawValue("d", 0.0)
+        self._ready = ctx.RawArray("b", max(1, workers))
+
+    def mark_ready(self, index: int) -> None:
+        self._ready[index] = 1
+
+    def ready(self) -> int:
+        return sum(self._ready)
+
+    def release(self, t0: float) -> None:
+        self._origin.value = t0
+
+    def wait(self, stop: Any) -> float | None:
+        """The start once released; None when ``stop()`` says to give up first."""
+        while not self._origin.value:
+            if stop():
+                return None
+            time.sleep(self.POLL_S)
+        return float(self._origin.value)
+
+
 class _Worker:
     """Runs one generator against Redis, recording the history; see :func:`run_worker`."""
 
     def __init__(self, spec: WorkloadSpec, index: int, ctx: WorkloadContext,
-                 stop: StopFlag | None, max_plans: int, parent_pid: int | None) -> None:
+                 stop: StopFlag | None, max_plans: int, parent_pid: int | None,
+                 gate: StartGate | None = None) -> None:
         self.spec, self.index, self.ctx = spec, index, ctx
+        self.gate = gate
         self.name = f"{spec.kind}-{index}"
         self.gen = make_generator(spec, index, ctx)
         self.keys = Keys(ctx.prefix)
@@ -982,7 +1023,8 @@ class _Worker:
         self.hist: _History = (HistoryWriter(ctx.run_dir, self.name) if ctx.record_history
                                else _NoHistory())
         self.exchange: Exchange | None = None
-        if ctx.ledger_path is not None and any("ledger" in s.needs for s in self.gen.streams()):
+        if ctx.ledger_path is not None and (self.gen.writes_ledger or any(
+                "ledger" in s.needs for s in self.gen.streams())):
             if Path(ctx.ledger_path).is_file():
                 self.exchange = Exchange(ctx.ledger_path, capital=ctx.capital)
             else:
@@ -1021,11 +1063,22 @@ class _Worker:
     # -- the loop
     def run(self) -> WorkerStats:
         streams = self.gen.streams()
-        t0 = time.monotonic()
+        start: float | None = self.ctx.start_monotonic
+        if self.gate is not None:
+            self.gate.mark_ready(self.index)
+            start = self.gate.wait(lambda: self._should_stop(time.monotonic(), math.inf))
+            if start is None:
+                self.stats.stopped_by = self._stop_reason or "stop"
+                self.close()
+                return self.stats
+        t0 = time.monotonic() if self.gate is None or start is None else start
         deadline = t0 + self.ctx.duration_s
         # Timed streams (a replay) count from the run's workload start, when it is known.
-        origin = self.ctx.start_monotonic if self.ctx.start_monotonic is not None else t0
+        origin = start if start is not None else t0
         ticks = {s.name: 0 for s in streams}
+        if any(s.times for s in streams):  # a replay ends when its last op is sent
+            deadline = max(deadline, origin + max(max(s.times or (0.0,)) for s in streams)
+                           + 1.0)
         due = {s.name: (origin + s.times[0]) if s.times is not None else t0 + s.first_s
                for s in streams if s.times is None or s.times}
         by_name = {s.name: s for s in streams}
@@ -1192,10 +1245,11 @@ def _text(raw: Any) -> str:
 
 def run_worker(spec: WorkloadSpec, index: int, ctx: WorkloadContext,
                stop: StopFlag | None = None, *, max_plans: int = DEFAULT_MAX_PLANS,
-               parent_pid: int | None = None) -> WorkerStats:
+               parent_pid: int | None = None, gate: StartGate | None = None) -> WorkerStats:
     """Run one workload in this process until its duration, ``max_plans``, ``stop`` or the
-    death of ``parent_pid``; write its summary and return its counts."""
-    worker = _Worker(spec, index, ctx, stop, max_plans, parent_pid)
+    death of ``parent_pid`` (after ``gate`` releases it, when given); write its summary and
+    return its counts."""
+    worker = _Worker(spec, index, ctx, stop, max_plans, parent_pid, gate)
     stats = worker.run()
     _write_summary(ctx, stats)
     return stats
@@ -1218,7 +1272,8 @@ def read_summaries(run_dir: str | os.PathLike[str]) -> dict[str, dict[str, Any]]
 
 
 def _child_main(spec: WorkloadSpec, index: int, ctx: WorkloadContext, stop: StopFlag,
-                max_plans: int, parent_pid: int, log_level: int) -> None:
+                max_plans: int, parent_pid: int, log_level: int,
+                gate: StartGate | None = None) -> None:
     """Entry point of a spawned worker process."""
     # Ctrl-C reaches the whole process group: let the parent stop us in order instead.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -1226,16 +1281,35 @@ def _child_main(spec: WorkloadSpec, index: int, ctx: WorkloadContext, stop: Stop
         os.setsid()  # and leave the terminal's group: only the harness gets its signals
     logging.basicConfig(level=log_level,
                         format="%(asctime)s %(processName)s %(levelname)s %(name)s: %(message)s")
-    run_worker(spec, index, ctx, stop, max_plans=max_plans, parent_pid=parent_pid)
+    run_worker(spec, index, ctx, stop, max_plans=max_plans, parent_pid=parent_pid, gate=gate)
 
 
 # ======================================================================== the group
 class WorkloadGroup:
     """The worker processes of a run. ``stop()`` always leaves none alive."""
 
-    def __init__(self, processes: list[SpawnProcess], stop_event: StopSignal) -> None:
+    def __init__(self, processes: list[SpawnProcess], stop_event: StopSignal,
+                 gate: StartGate | None = None) -> None:
         self.processes = processes
         self._stop_event = stop_event
+        self.gate = gate
+
+    def wait_ready(self, timeout: float) -> bool:
+        """With a start gate: until every worker is up and waiting (or ``timeout``, or one
+        died); True when all are. Without one: True at once."""
+        if self.gate is None:
+            return True
+        end = time.monotonic() + timeout
+        while self.gate.ready() < len(self.processes):
+            if time.monotonic() >= end or any(p.exitcode is not None for p in self.processes):
+                return False
+            time.sleep(0.01)
+        return True
+
+    def release(self, t0: float) -> None:
+        """Open the start gate: the workers' workload starts at ``t0`` (monotonic)."""
+        if self.gate is not None:
+            self.gate.release(t0)
 
     @property
     def names(self) -> list[str]:
@@ -1306,22 +1380,24 @@ def validate(specs: Iterable[WorkloadSpec], ctx: WorkloadContext) -> None:
 
 
 def start_workloads(specs: Sequence[WorkloadSpec], ctx: WorkloadContext, *,
-                    max_plans: int = DEFAULT_MAX_PLANS,
-                    log_level: int | None = None) -> WorkloadGroup:
-    """Start ``spec.processes`` worker processes per spec, numbered across all specs."""
+                    max_plans: int = DEFAULT_MAX_PLANS, log_level: int | None = None,
+                    hold: bool = False) -> WorkloadGroup:
+    """Start ``spec.processes`` worker processes per spec, numbered across all specs.
+    ``hold``: each waits, up and connected, for :meth:`WorkloadGroup.release`."""
     validate(specs, ctx)
     mpctx = mp.get_context("spawn")
     stop_event = StopSignal(mpctx)
     level = log_level if log_level is not None else logging.getLogger().getEffectiveLevel()
     processes: list[SpawnProcess] = []
-    group = WorkloadGroup(processes, stop_event)
+    gate = StartGate(mpctx, sum(s.processes for s in specs)) if hold else None
+    group = WorkloadGroup(processes, stop_event, gate)
     index = 0
     try:
         for spec in specs:
             for _ in range(spec.processes):
                 p = mpctx.Process(
                     name=f"{spec.kind}-{index}", target=_child_main, daemon=True,
-                    args=(spec, index, ctx, stop_event, max_plans, os.getpid(), level))
+                    args=(spec, index, ctx, stop_event, max_plans, os.getpid(), level, gate))
                 with reaper.sigint_ignored_while_spawning():
                     p.start()
                 processes.append(p)
