@@ -115,9 +115,12 @@ def _fit_duration(sc: scn.Scenario, duration: float | None = None) -> scn.Scenar
     """``duration`` (default: the last operation plus :data:`SETTLE_S`), never before a
     time-anchored fault has started and stopped."""
     d = _last_t(sc) + SETTLE_S if duration is None else duration
+    sent = {_plan_id(op): float(op.get("t", 0)) for op in _plans(sc)}
     for f in sc.faults:
         if f.after is None:
             d = max(d, f.at + f.duration + 0.2)
+        elif f.after.plan_id in sent:  # fires after that plan's decision, + the delay
+            d = max(d, sent[f.after.plan_id] + f.after.delay + f.duration + 0.2)
     return replace(sc, duration_s=round(max(MIN_DURATION_S, d), 3))
 
 
@@ -486,7 +489,12 @@ class Shrinker:
         if with_witness:
             cands.append(("seed: witness producers", _keep(
                 base, lambda p, op: p in with_witness and up_to(op), until)))
-        cands.append(("seed: up to the violation", _keep(base, lambda p, op: up_to(op), until)))
+        upto = _keep(base, lambda p, op: up_to(op), until)
+        cands.append(("seed: up to the violation", upto))
+        firings = [f for w in self._windows(limit=None) if (f := self._firing(w, upto, True))]
+        if firings:
+            cands.append(("seed: up to it, faults on events",
+                          _fit_duration(replace(upto, faults=tuple(firings)))))
         cands.append(("seed: the whole replay", _fit_duration(
             replay, max(replay.duration_s, _last_t(replay) + SETTLE_S))))
         return self.first([(n, c) for n, c in cands if _plans(c) or not _plans(replay)])
@@ -516,15 +524,41 @@ class Shrinker:
         if self.first([(f"time: {shift:.2f}s earlier", cand)]):
             self.shifted_s += shift
 
-    def _windows(self) -> list[dict[str, Any]]:
-        """The original's fault firings, the one active at the violation first, then those
-        before it, latest first (at most 3)."""
+    def _windows(self, limit: int | None = 3) -> list[dict[str, Any]]:
+        """The original's fault firings up to the violation: the one active at it first,
+        then the others, latest first (``limit`` of them)."""
         o = self.orig
         v_ms = int(o.violation["wall_ms"])
         before = [w for w in o.faults if w["start_ms"] <= v_ms]
         active = [w for w in before if w["stop_ms"] is None or w["stop_ms"] >= v_ms]
         rest = sorted((w for w in before if w not in active), key=lambda w: -w["start_ms"])
-        return (active + rest)[:3]
+        return (active + rest)[:limit]
+
+    def _anchor_before(self, start_ms: int, sc: scn.Scenario) -> scn.AnchorSpec | None:
+        """The permit of a plan ``sc`` still sends that came last before ``start_ms`` in
+        the original history, with the delay from it to ``start_ms``."""
+        kept = {_plan_id(op) for op in _plans(sc)}
+        before = [(ms, pid) for ms, pid in self.orig.permits if ms <= start_ms and pid in kept]
+        if not before:
+            return None
+        ms, pid = before[-1]
+        return scn.AnchorSpec(event="permit", plan_id=pid, delay=round((start_ms - ms) / 1000, 3))
+
+    def _firing(self, w: dict[str, Any], sc: scn.Scenario,
+                anchored: bool) -> scn.FaultSpec | None:
+        """One original firing ``w`` as a one-shot fault of ``sc``: on the instance it hit,
+        at its time (or, ``anchored``, on the permit before it where there is one)."""
+        spec = next((f for f in sc.faults if f.kind == w["kind"]), None)
+        if spec is None:
+            return None
+        target = spec.target
+        if spec.kind in scn.GOVERNOR_FAULTS and w.get("resolved_target"):
+            target = w["resolved_target"]
+        at = round((w["start_ms"] - self.orig.workload_ms) / 1000 - self.shifted_s, 3)
+        anchor = self._anchor_before(w["start_ms"], sc) if anchored else None
+        if anchor is not None:
+            return replace(spec, at=0.0, every=0.0, target=target, after=anchor)
+        return replace(spec, at=at, every=0.0, target=target, after=None) if at >= 0 else None
 
     def shrink_faults(self) -> None:
         assert self.current is not None
@@ -533,19 +567,13 @@ class Shrinker:
             return
         cands = [("faults: none", _fit_duration(replace(sc, faults=())))]
         if len(sc.faults) > 1 or any(f.every for f in sc.faults):
+            anchored = all(f.after is not None for f in sc.faults)
             for w in self._windows():
-                spec = next((f for f in sc.faults if f.kind == w["kind"]), None)
-                if spec is None:
-                    continue
-                target = spec.target
-                if spec.kind in scn.GOVERNOR_FAULTS and w.get("resolved_target"):
-                    target = w["resolved_target"]
-                at = round((w["start_ms"] - self.orig.workload_ms) / 1000 - self.shifted_s, 3)
-                if at < 0:
-                    continue
-                one = replace(spec, at=at, every=0.0, target=target)
-                cands.append((f"faults: one {spec.kind} at {at:g}s",
-                              _fit_duration(replace(sc, faults=(one,)))))
+                one = self._firing(w, sc, anchored)
+                if one is not None:
+                    when = one.after.describe() if one.after else f"{one.at:g}s"
+                    cands.append((f"faults: one {one.kind} at {when}",
+                                  _fit_duration(replace(sc, faults=(one,)))))
         self.first(cands)
 
     def anchor_fault(self) -> None:
@@ -556,16 +584,11 @@ class Shrinker:
         if len(sc.faults) != 1 or sc.faults[0].after is not None or sc.faults[0].every:
             return
         f = sc.faults[0]
-        start_ms = self.orig.workload_ms + int((f.at + self.shifted_s) * 1000)
-        kept = {_plan_id(op) for op in _plans(sc)}
-        before = [(ms, pid) for ms, pid in self.orig.permits if ms <= start_ms and pid in kept]
-        if not before:
-            return
-        ms, pid = before[-1]
-        anchor = scn.AnchorSpec(event="permit", plan_id=pid,
-                                delay=round((start_ms - ms) / 1000, 3))
-        cand = _fit_duration(replace(sc, faults=(replace(f, at=0.0, after=anchor),)))
-        self.first([(f"anchor: permit of {pid} +{anchor.delay:g}s", cand)])
+        anchor = self._anchor_before(
+            self.orig.workload_ms + int((f.at + self.shifted_s) * 1000), sc)
+        if anchor is not None:
+            cand = _fit_duration(replace(sc, faults=(replace(f, at=0.0, after=anchor),)))
+            self.first([(f"anchor: {anchor.describe()}", cand)])
 
     def shrink_producers(self) -> None:
         """ddmin over the producers, then the rest merged into one (or three) producers:
