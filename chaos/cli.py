@@ -239,6 +239,7 @@ def _main(args: argparse.Namespace) -> int:
 def _shrink(args: argparse.Namespace) -> int:
     from chaos import shrink as shr
     from chaos.rundir import NotARun, RunDirError
+    from chaos.runner import HarnessError
 
     opts = shr.ShrinkOptions(run_dir=args.run_dir, out=args.out, tries=args.tries, k=args.k,
                              budget_s=args.budget_s, invariant=args.invariant,
@@ -250,7 +251,7 @@ def _shrink(args: argparse.Namespace) -> int:
     except (shr.ShrinkError, NotARun) as exc:
         print(f"chaos shrink: {exc}", file=sys.stderr)
         return EXIT_BAD_ARGS
-    except RunDirError as exc:
+    except (RunDirError, HarnessError) as exc:
         print(f"chaos shrink: {exc}", file=sys.stderr)
         return EXIT_HARNESS
     print(f"chaos shrink: {res.message}")

@@ -386,7 +386,9 @@ class Shrinker:
             res = run(RunOptions(scenario=sc, governor=self.governor,
                                  governor_cmd=self.governor_cmd, out=run_dir, progress=False,
                                  probe=liveness, probe_max_wait_s=30.0))
-        except HarnessError as exc:
+        except (HarnessError, scn.ScenarioError) as exc:
+            if self.n_runs == 1 and isinstance(exc, HarnessError):
+                raise  # the governor does not start at all: exit 255, not "no repro"
             t = Try(str(run_dir), "error", False, time.monotonic() - t0, str(exc))
         else:
             if res.status == "interrupted":
@@ -457,7 +459,7 @@ class Shrinker:
         self.write()
         try:
             if not self.seed(replay):
-                self.stopped_because = "no candidate, not even the whole replay, still fails"
+                self.stopped_because = "no candidate, not even the whole replay, failed in enough tries"
                 return
             self.shift_start()
             self.shrink_faults()
@@ -831,6 +833,11 @@ def shrink(opts: ShrinkOptions) -> ShrinkResult:
         sh.shrink(replay)
         if sh.current is not None:
             sh.verify()
+    except Exception as exc:
+        sh.stopped_because = f"harness failure: {type(exc).__name__}: {exc}"
+        with contextlib.suppress(Exception):
+            sh.write("error")
+        raise
     except KeyboardInterrupt:
         with contextlib.suppress(Exception):
             sh.write("interrupted")
@@ -843,8 +850,8 @@ def shrink(opts: ShrinkOptions) -> ShrinkResult:
     sh.write(status)
     sh.write_md(status)
     if sh.current is None:
-        msg = (f"no candidate reproduces {orig.invariant} (not even the run's own replay, "
-               f"{sh.opts.search_k} of {sh.opts.search_n} tries); see {sh.out}/shrink.md")
+        msg = (f"no candidate reproduces {orig.invariant} ({sh.opts.search_k} of "
+               f"{sh.opts.search_n} tries): {sh.stopped_because}; see {sh.out}/shrink.md")
     else:
         after = Size.of(sh.current)
         assert v is not None
