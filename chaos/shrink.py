@@ -459,7 +459,8 @@ class Shrinker:
         self.write()
         try:
             if not self.seed(replay):
-                self.stopped_because = "no candidate, not even the whole replay, failed in enough tries"
+                self.stopped_because = ("no candidate, not even the whole replay, failed in "
+                                        "enough tries")
                 return
             self.shift_start()
             self.shrink_faults()
@@ -472,34 +473,67 @@ class Shrinker:
         except _OutOfBudget:
             pass
 
-    def seed(self, replay: scn.Scenario) -> bool:
-        o = self.orig
+    def _witness_candidates(self, sc: scn.Scenario, o: Original,
+                            label: str) -> list[tuple[str, scn.Scenario]]:
+        """Candidates cut from ``sc`` around the witness of violation ``o`` (of the
+        original run, or of a try of a replay: the same plan ids and time frame): its
+        plans and the plans on its symbols up to it; its producers up to it; every
+        producer up to it."""
         until = o.at_s + 0.05
         wp, ws = o.witness_plans(), o.witness_symbols()
-        with_witness = {str(w.params.get("producer", "")) for w in _producers(replay)
+        with_witness = {str(w.params.get("producer", "")) for w in _producers(sc)
                         if any(_plan_id(op) in wp for op in _ops(w))}
-        late = [f for f in replay.faults if f.after is None and f.at > until and not f.every]
-        base = replace(replay, faults=tuple(f for f in replay.faults if f not in late))
 
         def up_to(op: dict[str, Any]) -> bool:
             return float(op.get("t", 0)) <= until or _plan_id(op) in wp
 
         cands = []
         if wp or ws:
-            cands.append(("seed: witness plans", _keep(base, lambda p, op: _plan_id(op) in wp or (
-                str(op["plan"].get("symbol")) in ws and up_to(op)), until)))
+            cands.append((f"{label}: witness plans", _keep(sc, lambda p, op: _plan_id(op) in wp
+                          or (str(op["plan"].get("symbol")) in ws and up_to(op)), until)))
         if with_witness:
-            cands.append(("seed: witness producers", _keep(
-                base, lambda p, op: p in with_witness and up_to(op), until)))
-        upto = _keep(base, lambda p, op: up_to(op), until)
-        cands.append(("seed: up to the violation", upto))
+            cands.append((f"{label}: witness producers", _keep(
+                sc, lambda p, op: p in with_witness and up_to(op), until)))
+        cands.append((f"{label}: up to the violation", _keep(sc, lambda p, op: up_to(op),
+                                                            until)))
+        return [(n, c) for n, c in cands if _plans(c)]
+
+    def seed(self, replay: scn.Scenario) -> bool:
+        o = self.orig
+        until = o.at_s + 0.05
+        late = [f for f in replay.faults if f.after is None and f.at > until and not f.every]
+        base = replace(replay, faults=tuple(f for f in replay.faults if f not in late))
+        cands = self._witness_candidates(base, o, "seed")
+        upto = cands[-1][1] if cands else base
         firings = [f for w in self._windows(limit=None) if (f := self._firing(w, upto, True))]
         if firings:
             cands.append(("seed: up to it, faults on events",
                           _fit_duration(replace(upto, faults=tuple(firings)))))
-        cands.append(("seed: the whole replay", _fit_duration(
-            replay, max(replay.duration_s, _last_t(replay) + SETTLE_S))))
-        return self.first([(n, c) for n, c in cands if _plans(c) or not _plans(replay)])
+        whole = _fit_duration(replay, max(replay.duration_s, _last_t(replay) + SETTLE_S))
+        cands.append(("seed: the whole replay", whole))
+        if not self.first(cands):
+            return False
+        if self.current is whole or self.current == whole:
+            self.reseed()
+        return True
+
+    def reseed(self) -> None:
+        """The whole replay fails, the original's witness alone did not: the witnesses of
+        the replay's own failing tries (other plans, other moments) are tried as seeds."""
+        from chaos.rundir import RunDirError
+
+        step = self.steps[-1]
+        cands: list[tuple[str, scn.Scenario]] = []
+        for t in [t for t in step.tries if t.failed][:2]:
+            try:
+                o = load_original(Path(t.run_dir), self.orig.invariant)
+            except (ShrinkError, RunDirError, OSError, ValueError) as exc:
+                self.say(f"reseed: {t.run_dir}: {exc}")
+                continue
+            assert self.current is not None
+            cands += self._witness_candidates(self.current, o,
+                                              f"reseed {Path(t.run_dir).name}")[:2]
+        self.first(cands)
 
     def shift_start(self) -> None:
         """Every operation (and a time-anchored fault) moved earlier so that the first is
