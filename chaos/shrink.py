@@ -715,18 +715,22 @@ class Shrinker:
     # -- verification and output --------------------------------------------------------------
     def verify(self) -> None:
         """The full ``tries``-run measurement of the smallest candidate; when it misses
-        k/N, the candidate before it (at most :data:`MAX_STEP_BACK` times, budget
-        permitting)."""
+        k/N, the candidate kept before it (at most :data:`MAX_STEP_BACK` times, and only
+        when the budget left holds N more tries). The budget cuts a verification short;
+        the rate of the tries it ran is reported, and is not called reproduced."""
+        previous: Step | None = None
         for back in range(min(MAX_STEP_BACK + 1, len(self.accepted))):
+            if back and self._left() < self.opts.tries * self._est_try_s():
+                self.stopped_because += (f"; no budget left to verify the candidate before "
+                                         f"(measured {previous.failures}/"
+                                         f"{len(previous.tries)})" if previous else "")
+                return
             sc = self.accepted[-1 - back]
             step = Step("verify" + (f" (step back {back})" if back else ""), Size.of(sc))
-            self.verification = step
-            self.current = sc
+            self.verification, self.current = step, sc
             for _ in range(self.opts.tries):
-                if back and self._left() < self._est_try_s():
-                    break
-                if not back and self._left() < 0.5 * self._est_try_s():
-                    step.note = "time budget ran out during the verification"
+                if self._left() < 0.5 * self._est_try_s():
+                    step.note = "the time budget ran out during the verification"
                     break
                 step.tries.append(self.run_try(sc))
                 self.write()
@@ -734,15 +738,16 @@ class Shrinker:
             step.accepted = self._reproduces(step)
             self.steps.append(step)
             self.say(f"[{self.elapsed():5.0f}s] {step.name:<28} {step.size.line()}  rate "
-                     f"{step.failures}/{len(step.tries)}")
+                     f"{step.failures}/{len(step.tries)}" + (f" ({step.note})" if step.note
+                                                              else ""))
             self.write()
-            if step.accepted or len(step.tries) < self.opts.tries:
+            if step.accepted or step.note:
                 return
+            previous = step
 
     def _reproduces(self, step: Step) -> bool:
-        """k failures in N tries (fewer tries when the budget ran out: the same rate)."""
-        n = len(step.tries)
-        return n > 0 and step.failures * self.opts.tries >= self.opts.k * n
+        """At least k failures in the full N tries."""
+        return len(step.tries) == self.opts.tries and step.failures >= self.opts.k
 
     def targets(self) -> dict[str, Any]:
         after = Size.of(self.current) if self.current is not None else None
