@@ -319,9 +319,11 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         if args.replay is not None:
-            from chaos.replay import scenario_from_run
+            from chaos.replay import scenario_from_run, truncate
 
             sc = scenario_from_run(args.replay)
+            if args.duration is not None:  # the recording's first seconds
+                sc = truncate(sc, args.duration)
         else:
             sc = scn.load(args.scenario)
         sc = sc.with_overrides(seed=args.seed, duration_s=args.duration,

@@ -20,7 +20,8 @@ first); no stop is recorded for it.
 
 Fault kinds (``chaos.scenario.FAULT_KINDS``); ``target`` is a governor consumer name,
 ``"random"`` (the nemesis's rng picks one of the supervisor's consumers not already under a
-fault) or ``"all"``; Redis, proxy and apply-layer faults ignore it:
+fault), ``"all"``, or for an anchored fault ``"anchor"`` (the governor that decided the
+event it started on); Redis, proxy and apply-layer faults ignore it:
 
 ``kill_governor``
     :meth:`Supervisor.kill` (SIGKILL to the process group); the supervisor restarts it.
@@ -362,6 +363,12 @@ class _Fault:
         sup = self.supervisor()
         consumers = list(sup.consumers)
         target = self.spec.target
+        if target == "anchor":  # the governor that decided the anchoring event
+            ev = self.occ.anchor_event
+            target = ev.instance if ev is not None and ev.instance else ""
+            if target not in consumers:
+                raise FaultUnavailable(f"target 'anchor': the event names no governor of "
+                                       f"this run ({target or 'none'})")
         if target == "all":
             chosen = consumers
         elif target == "random":
@@ -853,7 +860,7 @@ class Nemesis:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
         watcher = self._watcher
-        if watcher is not None and watcher._thread is not threading.current_thread():
+        if watcher is not None:
             watcher.stop(timeout)
         with self._lock:
             if watcher is None or self._not_fired is not None:

@@ -27,12 +27,21 @@ import codecs
 import json
 import logging
 from collections.abc import Iterable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from chaos.anchors import AnchorEvent, events_of, matches
 from chaos.history import F, Op, OpType, history_files, iter_history
-from chaos.scenario import NAME_RE, Scenario, ScenarioError, WorkloadSpec, from_dict
+from chaos.scenario import (
+    ANCHOR_EVENTS,
+    NAME_RE,
+    AnchorSpec,
+    Scenario,
+    ScenarioError,
+    WorkloadSpec,
+    from_dict,
+)
 from chaos.workloads import REPLAY_TAIL_S
 
 log = logging.getLogger(__name__)
@@ -110,7 +119,9 @@ def scenario_from_run(run_dir: str | Path) -> Scenario:
     workers = _workers(sc.workloads)
     t0_ns: int | None = None
     ops: dict[str, list[dict[str, Any]]] = {name: [] for name in workers}
-    producer: dict[str, str] = dict.fromkeys(workers, "")
+    # A replay's producer is the one it replayed: a replay of a replay keeps the first name.
+    producer = {name: str(spec.params.get("producer") or "") if spec.kind == "replay" else ""
+                for name, spec in workers.items()}
     for op in iter_history(run_dir):
         if op.f == F.PHASE and op.key == "workload" and op.type == OpType.INVOKE:
             t0_ns = op.time_ns
@@ -140,6 +151,16 @@ def scenario_from_run(run_dir: str | Path) -> Scenario:
     return _checked(out)
 
 
+def truncate(sc: Scenario, duration_s: float) -> Scenario:
+    """The first ``duration_s`` seconds of a replay: ops from then on dropped, the duration
+    set (``chaos run --replay RUN_DIR --duration S``). Other workloads are left as they are."""
+    workloads = tuple(
+        replace(w, params={**w.params, "ops": [op for op in w.params.get("ops", [])
+                                               if op.get("t", 0) < duration_s]})
+        if w.kind == "replay" else w for w in sc.workloads)
+    return replace(sc, workloads=workloads).with_overrides(duration_s=duration_s)
+
+
 def _checked(sc: Scenario) -> Scenario:
     """Validated as a scenario file would be: what ``chaos run --replay`` runs is exactly
     what ``dump`` writes and ``parse`` reads."""
@@ -148,13 +169,13 @@ def _checked(sc: Scenario) -> Scenario:
     return parse(dump(sc))
 
 
-def _workers(specs: Iterable[WorkloadSpec]) -> list[str]:
-    """Process names of a run's workload workers, in start order (as start_workloads names
-    them: ``<kind>-<index>``, numbered across specs)."""
-    names, index = [], 0
+def _workers(specs: Iterable[WorkloadSpec]) -> dict[str, WorkloadSpec]:
+    """Process names of a run's workload workers and their specs, in start order (as
+    start_workloads names them: ``<kind>-<index>``, numbered across specs)."""
+    names, index = {}, 0
     for spec in specs:
         for _ in range(spec.processes):
-            names.append(f"{spec.kind}-{index}")
+            names[f"{spec.kind}-{index}"] = spec
             index += 1
     return names
 
@@ -192,6 +213,105 @@ def _replay_op(op: Op, t: float) -> dict[str, Any] | None:
     return None
 
 
+@dataclass(frozen=True)
+class Sent:
+    """One thing a producer sent, as a replay must send it again: ``what`` is compared
+    exactly (f, key, symbol, the plan's fields but its intent time, regime, pnl); the
+    offset from the workload start and the plan's age are timing."""
+
+    what: tuple[Any, ...]
+    offset_s: float
+    age_ms: int | None
+
+
+def sent_by_producer(run_dir: str | Path) -> dict[int, list[Sent]]:
+    """Per workload worker (its index: ``open_storm-0`` and the ``replay-0`` that replays
+    it are both 0), what it sent, in order: for checking a replay against its original."""
+    out: dict[int, list[Sent]] = {}
+    t0_ns = 0
+    for op in iter_history(run_dir):
+        if op.f == F.PHASE and op.key == "workload" and op.type == OpType.INVOKE:
+            t0_ns = op.time_ns
+        index = op.process.rsplit("-", 1)[-1]
+        if not index.isdigit() or _replay_op(op, 0.0) is None:
+            continue
+        plan = dict(op.value.get("plan") or {})
+        created = plan.pop("intent_created_at_ms", None)
+        age = op.wall_ms - int(created) if isinstance(created, str) and \
+            created.lstrip("-").isdigit() else None
+        what = (op.f, op.key, op.symbol, tuple(sorted(plan.items())), op.value.get("regime"),
+                op.value.get("pnl_pct"))
+        out.setdefault(int(index), []).append(Sent(what, (op.time_ns - t0_ns) / 1e9, age))
+    return out
+
+
+def anchor_before(run_dir: str | Path, fault_key: str, event: str = "submit",
+                  **filters: str) -> AnchorSpec | None:
+    """An anchor that starts a fault where it started in this run: on the last ``event``
+    (matching ``filters``) before the start of fault ``fault_key`` (its history key, e.g.
+    ``pause_governor-2``), ``delay`` the gap after it; None when no such event preceded it.
+
+    For turning a timed fault into an event-anchored one. ``submit`` (the default) is
+    anchored to the plan id (``n = 1``): a replay sends the same plans, so it finds the
+    same plan whatever the governor does; other events are counted (``n``) from the
+    workload start, as the watcher counts them."""
+    if event not in ANCHOR_EVENTS:
+        raise ReplayError(f"event: unknown {event!r}; known: {', '.join(ANCHOR_EVENTS)}")
+    try:
+        probe = AnchorSpec(event, **filters)
+    except TypeError:
+        raise ReplayError(f"filters: unknown in {sorted(filters)}; known: action, instance, "
+                          f"symbol, reason, plan_id, status") from None
+    events: list[tuple[float, AnchorEvent]] = []  # (ms, event) in stream / take order
+    start: Op | None = None
+    t0: Op | None = None
+    # The whole history: the recorder writes an entry down after it happened, so it may
+    # come after the fault's start in the history although the entry came before it.
+    for op in iter_history(run_dir):
+        if op.f == F.PHASE and op.key == "workload" and op.type == OpType.INVOKE:
+            t0 = op
+        elif op.f == F.FAULT and op.key == fault_key and op.type == OpType.INVOKE \
+                and op.value.get("phase") == "start":
+            start = op
+        elif t0 is not None:
+            events += [(ms, ev) for ms, ev in _as_events(op) if ev.event == event]
+    if start is None or t0 is None:
+        return None
+    # a take is timed on the monotonic clock, as the history is; an entry by its id (the
+    # server's wall clock, whole ms)
+    cut = start.time_ns / 1e6 if event == "take" else float(start.wall_ms)
+    events.sort(key=lambda x: x[0])  # stable: entries of one ms stay in stream order
+    matching = [(ms, ev) for ms, ev in events if ms <= cut and matches(probe, ev)]
+    if not matching:
+        return None
+    ms, ev = matching[-1]
+    delay = round(max(0.0, cut - ms) / 1000.0, 3)
+    if event == "submit" and ev.plan_id and "plan_id" not in filters:
+        return AnchorSpec("submit", n=1, delay=delay, plan_id=ev.plan_id,
+                          **{k: v for k, v in filters.items() if k != "plan_id"})
+    return AnchorSpec(event, n=len(matching), delay=delay, **filters)
+
+
+def _as_events(op: Op) -> list[tuple[float, AnchorEvent]]:
+    """The anchor events one history op shows, each with its time in ms (the entry id's
+    for stream events, the monotonic clock's for a take)."""
+    v = op.value
+    if op.f == F.TAKE and op.type == OpType.OK:
+        return [(op.time_ns / 1e6, AnchorEvent("take", plan_id=op.key, symbol=op.symbol,
+                                               action=(v.get("permit") or {}).get("action")))]
+    if op.f == F.SUBMIT and op.type == OpType.OK and v.get("entry_id"):
+        ms = float(str(v["entry_id"]).split("-")[0])
+        return [(ms, AnchorEvent("submit", plan_id=op.key, symbol=op.symbol))]
+    kind = {F.DECISION: "events", F.RESULT: "results"}.get(op.f)  # type: ignore[call-overload]
+    if kind is None or "entry_ms" not in v:
+        return []
+    fields = {k: str(x) for k, x in v.items()}
+    return [(float(v["entry_ms"]), AnchorEvent(
+        e, plan_id=op.key, symbol=op.symbol, action=fields.get("action"),
+        instance=fields.get("governor"), reason=fields.get("reason"),
+        status=fields.get("status"))) for e in events_of(kind, fields)]
+
+
 def _field(text: Any) -> Any:
     """A plan field as the history shows it, back as it was sent: bytes that were not
     UTF-8 appear with backslash escapes (``\\xff``); those become ``{ hex = ... }``."""
@@ -210,4 +330,5 @@ def _field(text: Any) -> Any:
     return text
 
 
-__all__ = ["ReplayError", "run_scenario", "scenario_from_run"]
+__all__ = ["ReplayError", "Sent", "anchor_before", "run_scenario", "scenario_from_run",
+           "sent_by_producer", "truncate"]

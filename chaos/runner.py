@@ -4,7 +4,7 @@ The run directory holds everything needed to judge the run later, written
 as the run goes (a killed or interrupted run still leaves a checkable one):
 
     run.json        scenario, options, versions, phases, status (rewritten at the end)
-    scenario.toml   the scenario as given
+    scenario.toml   the scenario as given (a replay's: as chaos.scenario.dump writes it)
     history/        Jepsen-style operations, one JSONL file per process
     ledger.sqlite   the exchange: ground truth, outside the Redis under test
     logs/           every governor's output, the harness log, the Redis log
@@ -223,11 +223,12 @@ class Run:
         for h in _terminal_handlers():
             if h.level > logging.INFO:
                 h.addFilter(self._quiet)
-        if self.sc.source and Path(self.sc.source).is_file():
-            text = Path(self.sc.source).read_text()
-            if self.sc.redis.url:  # as given, but never with a password
-                text = text.replace(self.sc.redis.url, _redact(self.sc.redis.url))
-            (d / "scenario.toml").write_text(text)
+        # As given; a scenario made in code (a replay) as chaos.scenario.dump writes it.
+        text = Path(self.sc.source).read_text() if self.sc.source and \
+            Path(self.sc.source).is_file() else scn.dump(self.sc)
+        if self.sc.redis.url:  # never with a password
+            text = text.replace(self.sc.redis.url, _redact(self.sc.redis.url))
+        (d / "scenario.toml").write_text(text)
         if self.opts.out is None:
             _link_latest(d)
         self.write_meta(

@@ -235,9 +235,11 @@ class FaultSpec:
     at: float = 0.0  # seconds after the workload starts
     duration: float = 0.0  # how long the fault stays on (0 = instant)
     every: float = 0.0  # repeat period (0 = once)
-    target: str = "random"  # governor consumer name, "random" or "all"
+    target: str = "random"  # governor consumer name, "random", "all" (or "anchor", below)
     params: dict[str, Any] = field(default_factory=dict)
-    after: AnchorSpec | None = None  # start on an event instead of at ``at``
+    # Start on an event instead of at ``at``; with it, target "anchor" is the governor that
+    # decided that event.
+    after: AnchorSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -303,12 +305,16 @@ class Scenario:
         if duration_s is not None:
             _within(duration_s, "--duration", *FIELD_RANGES["duration_s"])
             s = replace(s, duration_s=duration_s)
+            for i, w in enumerate(s.workloads):  # a replay's ops must fit the new duration
+                _check_workload_params(w, f"workload[{i}] (with --duration)", s.market.symbols,
+                                       s.seed, duration_s, s.config)
         if governors is not None:
             _within(governors, "--governors", *FIELD_RANGES["governors"])
             s = replace(s, governors=governors)
             for i, f in enumerate(s.faults):
-                _check_target(f.target, s.governors, f"fault[{i}].target",
-                              " (with --governors)")
+                if f.target != "anchor":
+                    _check_target(f.target, s.governors, f"fault[{i}].target",
+                                  " (with --governors)")
                 inst = f.after.instance if f.after is not None else None
                 if inst is not None:
                     _check_target(inst, s.governors, f"fault[{i}].after.instance",
@@ -623,7 +629,13 @@ def from_dict(raw: dict[str, Any], source: str | None = None) -> Scenario:
         if 0 < spec.every < spec.duration:
             raise ScenarioError(f"{where}.every: must be 0 (once) or >= duration "
                                 f"({spec.duration:g}), got {spec.every:g}")
-        _check_target(spec.target, governors, f"{where}.target")
+        if spec.target == "anchor":  # the governor that decided the anchoring event
+            if spec.after is None or spec.after.event not in _DECIDED:
+                raise ScenarioError(f"{where}.target: 'anchor' (the governor that decided the "
+                                    f"anchoring event) needs after.event = one of "
+                                    f"{', '.join(_DECIDED)}")
+        else:
+            _check_target(spec.target, governors, f"{where}.target")
         if spec.target != "random" and spec.kind not in GOVERNOR_FAULTS:
             raise ScenarioError(f"{where}.target: {spec.kind} does not act on a governor; "
                                 f"target applies to {', '.join(sorted(GOVERNOR_FAULTS))}")

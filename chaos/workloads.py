@@ -690,6 +690,9 @@ class Replay(Generator):
                           f"{where}.age_ms: must be an integer")
             meta = op.get("meta", {})
             self._require(isinstance(meta, dict), f"{where}.meta: must be a table")
+            clash = sorted({"plan", "workload", "producer"} & set(meta))
+            self._require(not clash, f"{where}.meta.{clash[0] if clash else ''}: the history "
+                          f"sets it itself")
             symbol = op.get("symbol", fields.get("symbol"))
             return "ops", {"key": key, "fields": fields, "age_ms": age, "meta": meta,
                            "symbol": symbol if isinstance(symbol, str) else None}
