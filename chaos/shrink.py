@@ -19,7 +19,7 @@ order that pays most per try:
 2. **faults**: none; else one firing of one fault (the one active at the violation first),
    the target it actually hit;
 3. **anchor**: that fault started on the event just before it in the original history
-   (the last permit of a kept plan), not on the wall clock;
+   (the last submit of a kept plan), not on the wall clock;
 4. **producers**: delta debugging over the producers, then merged into one (or three);
 5. **plans**: delta debugging (ddmin) over each producer's plans;
 6. **symbols**: the market cut to the symbols the plans still use;
@@ -199,7 +199,7 @@ class Original:
     workload_ms: int
     governor: str
     faults: list[dict[str, Any]] = field(default_factory=list)  # windows: kind, start, target
-    permits: list[tuple[int, str]] = field(default_factory=list)  # (wall_ms, plan_id)
+    submits: list[tuple[int, str]] = field(default_factory=list)  # (wall_ms, plan_id)
 
     @property
     def at_s(self) -> float:
@@ -268,8 +268,8 @@ def load_original(run_dir: Path, invariant: str | None) -> Original:
             for w in o.faults:
                 if w["key"] == op.key and w["stop_ms"] is None:
                     w["stop_ms"] = op.wall_ms
-        elif op.f == "decision" and op.type == "ok" and val.get("decision") == "PERMIT":
-            o.permits.append((op.wall_ms, str(val.get("plan_id"))))
+        elif op.f == "submit" and op.type == "invoke" and isinstance(val.get("plan"), dict):
+            o.submits.append((op.wall_ms, str(val["plan"].get("plan_id"))))
     for w in o.faults:
         w["resolved_target"] = targets.get(str(w["key"]))
     return o
@@ -571,19 +571,23 @@ class Shrinker:
         return (active + rest)[:limit]
 
     def _anchor_before(self, start_ms: int, sc: scn.Scenario) -> scn.AnchorSpec | None:
-        """The permit of a plan ``sc`` still sends that came last before ``start_ms`` in
-        the original history, with the delay from it to ``start_ms``."""
+        """The submit of a plan ``sc`` still sends that came last before ``start_ms`` in
+        the original history, with the delay from it to ``start_ms``. A submit, not the
+        plan's permit: the replay sends the plan whatever the governor decides, so the
+        fault always fires (a permit anchor never fires when the candidate's governor
+        blocks that plan)."""
         kept = {_plan_id(op) for op in _plans(sc)}
-        before = [(ms, pid) for ms, pid in self.orig.permits if ms <= start_ms and pid in kept]
+        before = [(ms, pid) for ms, pid in sorted(self.orig.submits)
+                  if ms <= start_ms and pid in kept]
         if not before:
             return None
         ms, pid = before[-1]
-        return scn.AnchorSpec(event="permit", plan_id=pid, delay=round((start_ms - ms) / 1000, 3))
+        return scn.AnchorSpec(event="submit", plan_id=pid, delay=round((start_ms - ms) / 1000, 3))
 
     def _firing(self, w: dict[str, Any], sc: scn.Scenario,
                 anchored: bool) -> scn.FaultSpec | None:
         """One original firing ``w`` as a one-shot fault of ``sc``: on the instance it hit,
-        at its time (or, ``anchored``, on the permit before it where there is one)."""
+        at its time (or, ``anchored``, on the submit of a kept plan before it, if any)."""
         spec = next((f for f in sc.faults if f.kind == w["kind"]), None)
         if spec is None:
             return None
@@ -613,7 +617,7 @@ class Shrinker:
         self.first(cands)
 
     def anchor_fault(self) -> None:
-        """The one time-anchored fault left, started on the permit of a kept plan just
+        """The one time-anchored fault left, started on the submit of a kept plan just
         before its original start (+ the same delay), where that still fails."""
         sc = self.current
         assert sc is not None
