@@ -370,6 +370,11 @@ class Shrinker:
         recent = self.try_seconds[-3:]
         return sum(recent) / len(recent) if recent else 10.0
 
+    def _cur(self) -> scn.Scenario:
+        """The current candidate (the steps after the seed always have one)."""
+        assert self.current is not None
+        return self.current
+
     def _left(self) -> float:
         return self.opts.budget_s - self.elapsed()
 
@@ -637,7 +642,7 @@ class Shrinker:
         names = [str(w.params.get("producer", "")) for w in _producers(self.current)]
         if len(names) > 1:
             self.ddmin("producers", names, lambda sub: _keep(
-                self.current, lambda p, op: True, producers=set(sub)))  # type: ignore[arg-type]
+                self._cur(), lambda p, op: True, producers=set(sub)))
         sc = self.current
         prods = _producers(sc)
         if len(prods) <= 1:
@@ -661,8 +666,7 @@ class Shrinker:
 
             def build(sub: Sequence[str], name: str = name) -> scn.Scenario:
                 keep = set(sub)
-                return _keep(self.current,  # type: ignore[arg-type]
-                             lambda p, op: p != name or _plan_id(op) in keep)
+                return _keep(self._cur(), lambda p, op: p != name or _plan_id(op) in keep)
 
             self.ddmin(f"plans of {name}", ids, build)
 
