@@ -126,6 +126,22 @@ def _parser() -> argparse.ArgumentParser:
                     metavar=("KEY", "VALUE"), help="a notebook parameter (VALUE as JSON if it "
                     "parses, e.g. '[\"a\", \"b\"]', else a string); repeatable")
     nb.add_argument("--quiet", action="store_true", help="no progress bar")
+    shr = sub.add_parser("shrink", help="from an invalid run, a smaller scenario that still "
+                         "violates the same invariant in k of N runs (repro.toml)")
+    shr.add_argument("run_dir", type=Path)
+    shr.add_argument("--tries", type=int, default=10, help="runs of the final verification (N)")
+    shr.add_argument("--k", type=int, default=8, help="failures of N that count as reproduced")
+    shr.add_argument("--search-tries", type=int, default=4,
+                     help="runs per candidate during the search (at most N; early-stopped)")
+    shr.add_argument("--budget-s", type=float, default=600.0, help="time budget (s)")
+    shr.add_argument("--invariant", help="the invariant to keep violated (default: the one "
+                     "violated first)")
+    shr.add_argument("--out", type=Path, help="output directory (default RUN_DIR/shrink)")
+    gsh = shr.add_mutually_exclusive_group()
+    gsh.add_argument("--governor", default=None, choices=["reference", "seed", "legacy"],
+                     help="default: the run's own governor")
+    gsh.add_argument("--governor-cmd", metavar="CMD")
+    shr.add_argument("--quiet", action="store_true", help="no progress lines")
     demo = sub.add_parser("demo", help="a short demo load on an embedded Redis")
     demo.add_argument("--seconds", type=float, default=10.0)
     demo.add_argument("--governors", type=int, default=3)
@@ -208,6 +224,8 @@ def _main(args: argparse.Namespace) -> int:
             return _import(args)
         if args.command == "notebook":
             return _notebook(args)
+        if args.command == "shrink":
+            return _shrink(args)
         if args.command == "demo":
             if not (math.isfinite(args.seconds) and 0 < args.seconds <= 86400) or \
                     not 1 <= args.governors <= 64:
@@ -227,6 +245,28 @@ def _main(args: argparse.Namespace) -> int:
         print(f"chaos: harness failure: {exc}", file=sys.stderr)
         return EXIT_HARNESS
     return EXIT_BAD_ARGS
+
+
+def _shrink(args: argparse.Namespace) -> int:
+    from chaos import shrink as shr
+    from chaos.rundir import NotARun, RunDirError
+    from chaos.runner import HarnessError
+
+    opts = shr.ShrinkOptions(run_dir=args.run_dir, out=args.out, tries=args.tries, k=args.k,
+                             budget_s=args.budget_s, invariant=args.invariant,
+                             governor=args.governor, governor_cmd=args.governor_cmd,
+                             search_tries=args.search_tries,
+                             progress=None if args.quiet else shr.progress_line)
+    try:
+        res = shr.shrink(opts)
+    except (shr.ShrinkError, NotARun) as exc:
+        print(f"chaos shrink: {exc}", file=sys.stderr)
+        return EXIT_BAD_ARGS
+    except (RunDirError, HarnessError) as exc:
+        print(f"chaos shrink: {exc}", file=sys.stderr)
+        return EXIT_HARNESS
+    print(f"chaos shrink: {res.message}")
+    return res.exit_code
 
 
 def _scenarios() -> int:
