@@ -335,3 +335,19 @@ def test_truncate_keeps_the_first_seconds_of_a_replay() -> None:
     assert short.workloads[1] == sc.workloads[1]
     with pytest.raises(ScenarioError, match="--duration"):
         truncate(sc, 0.0)
+
+
+def test_a_fault_scheduled_after_the_run_ended_is_left_out_of_its_replay(
+        tmp_path: Path) -> None:
+    """``chaos suite --quick`` runs ``network`` for 6 s, so its fault at 8 s never starts:
+    the run's own scenario is read back without it (the scenario checks would refuse a
+    fault after the end), and the faults that did start stay."""
+    from dataclasses import asdict
+
+    sc = load("network").with_overrides(duration_s=6.0)
+    assert any(f.at >= 6.0 for f in sc.faults)
+    (tmp_path / "run.json").write_text(json.dumps({"scenario_spec": asdict(sc)}))
+    back = run_scenario(tmp_path)
+    assert back.duration_s == 6.0
+    assert [(f.kind, f.at) for f in back.faults] == [(f.kind, f.at) for f in sc.faults
+                                                     if f.at < 6.0]
