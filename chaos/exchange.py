@@ -35,7 +35,7 @@ import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -105,6 +105,9 @@ class Effect(StrEnum):
     FLIP = "flip"  # CLOSE on a flat symbol: a double close that opened the other side
     REJECTED_REDUCE_ONLY = "rejected_reduce_only"
     REJECTED_STALE_FENCE = "rejected_stale_fence"
+    # An OPEN whose notional is not a finite number ("abc", "NaN"): a governor permitted a
+    # plan it should have refused, and an exchange would refuse the order.
+    REJECTED_INVALID_NOTIONAL = "rejected_invalid_notional"
 
     @property
     def executed(self) -> bool:
@@ -426,7 +429,14 @@ class Exchange:
         self, conn: sqlite3.Connection, order: Order, action: Action, pos: Position | None
     ) -> tuple[Effect, str, str]:
         """(effect, traded notional, side of the position it leaves or acts on)."""
-        notional = plain_decimal(order.notional or "0")
+        try:
+            notional = plain_decimal(order.notional or "0")
+        except (InvalidOperation, ValueError):
+            notional = ""
+        if not notional or notional.lower() in ("nan", "snan", "infinity", "-infinity"):
+            if action is Action.OPEN:
+                return Effect.REJECTED_INVALID_NOTIONAL, "0", order.side
+            notional = "0"  # a close takes the position's notional, a flip the last one's
         if self.fenced and order.fence is not None:
             row = conn.execute(
                 "SELECT fence FROM fences WHERE symbol = ?", (order.symbol,)

@@ -111,6 +111,20 @@ def test_reduce_only_rejects_a_close_on_a_flat_symbol(tmp_path: Path) -> None:
     assert len(ex.orders()) == 3  # the rejected order is on the record too
 
 
+@pytest.mark.parametrize("notional", ["abc", "NaN", "Infinity", "1e999999"])
+def test_an_open_whose_notional_is_not_a_number_is_rejected_not_raised(
+        ex: Exchange, notional: str) -> None:
+    # A governor that permits a malformed plan: the exchange refuses the order (the
+    # apply layer then publishes a rejected result) instead of failing the order thread.
+    bad = ex.execute(open_("p1", notional=notional))
+    assert bad.effect == Effect.REJECTED_INVALID_NOTIONAL and not bad.executed
+    assert ex.open_positions() == {}
+    ex.execute(open_("p2"))
+    # A close takes the position's notional whatever the order says.
+    shut = ex.execute(close("c1", notional=notional))
+    assert (shut.effect, shut.notional) == (Effect.CLOSE, "100")
+
+
 def test_fenced_exchange_rejects_an_order_whose_fence_is_not_newer(tmp_path: Path) -> None:
     ex = Exchange.create(tmp_path / "ledger.db", fenced=True)
     ex.execute(open_("p1"))
