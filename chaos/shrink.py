@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import sys
@@ -45,6 +46,7 @@ from typing import Any
 
 from chaos import scenario as scn
 from chaos.history import iter_history
+from chaos.runner import _terminal_handlers
 
 SETTLE_S = 1.0  # a candidate's duration after its last operation: decisions and orders land
 MIN_DURATION_S = 0.5
@@ -276,6 +278,27 @@ def load_original(run_dir: Path, invariant: str | None) -> Original:
 
 
 # -- tries --------------------------------------------------------------------------------
+class _HoldBack(logging.Filter):
+    """Keeps a try's "fault never fired" warnings off the terminal (they stay in the
+    try's logs/harness.log) and counts them: the progress line says it instead, once per
+    candidate, rather than a log line per try between the progress lines."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # One record passes every terminal handler; kept alive so that its id stays its own.
+        self._seen: dict[int, logging.LogRecord] = {}
+
+    @property
+    def unfired(self) -> int:
+        return len(self._seen)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "chaos.nemesis" and "never fired" in record.getMessage():
+            self._seen[id(record)] = record
+            return False
+        return True
+
+
 @dataclass
 class Try:
     run_dir: str
@@ -283,6 +306,7 @@ class Try:
     failed: bool  # the invariant was violated
     seconds: float
     error: str | None = None
+    unfired: int = 0  # event-anchored faults whose event never came (the try's harness.log)
 
 
 @dataclass
@@ -387,6 +411,10 @@ class Shrinker:
         run_dir = self.out / "tries" / f"{self.n_runs:04d}"
         t0 = time.monotonic()
         liveness = self.orig.invariant == "liveness"
+        held = _HoldBack()
+        terminals = _terminal_handlers()
+        for h in terminals:
+            h.addFilter(held)
         try:
             res = run(RunOptions(scenario=sc, governor=self.governor,
                                  governor_cmd=self.governor_cmd, out=run_dir, progress=False,
@@ -403,6 +431,10 @@ class Shrinker:
             word = {True: "valid", False: "INVALID", None: "unknown"}[v.valid]
             t = Try(str(run_dir), word, bool(r is not None and r.valid is False),
                     time.monotonic() - t0)
+        finally:
+            for h in terminals:
+                h.removeFilter(held)
+        t.unfired = held.unfired
         self.try_seconds.append(t.seconds)
         return t
 
@@ -432,9 +464,12 @@ class Shrinker:
         step.accepted = step.failures >= k
         step.elapsed_s = round(self.elapsed(), 1)
         self.steps.append(step)
+        unfired = sum(t.unfired > 0 for t in step.tries)
         self.say(f"[{self.elapsed():5.0f}s] {name:<28} {step.size.line()}  tries "
                  f"{step.failures}/{len(step.tries)} failed  "
-                 f"{'kept' if step.accepted else 'rejected'}")
+                 f"{'kept' if step.accepted else 'rejected'}"
+                 + (f"  (its fault never fired in {unfired} of {len(step.tries)})"
+                    if unfired else ""))
         if step.accepted:
             self.current = sc
             self.accepted.append(sc)

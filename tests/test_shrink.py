@@ -181,3 +181,35 @@ def test_ctrl_c_halfway_exits_2_leaves_nothing_and_keeps_shrink_json(
     assert data["status"] == "interrupted" and data["steps"], data
     assert (out / "repro.toml").is_file()  # the smallest candidate kept so far
     assert "interrupted" in (out / "shrink.md").read_text()
+
+
+def test_a_fault_that_never_fired_is_said_once_on_the_progress_line_not_logged_per_try(
+        invalid_run: Path, tmp_path: Path) -> None:
+    """A candidate whose anchor's event never comes: the nemesis's warning stays in the
+    try's harness.log and off the terminal, and the try counts it for the progress line."""
+    import io
+    import logging
+
+    from chaos.shrink import Original, Shrinker, ShrinkOptions
+
+    text = SCENARIO.replace("at = 0.2", 'after = { event = "submit", plan_id = "no-such-plan" }')
+    sc = scn.parse(text)
+    terminal = io.StringIO()
+    handler = logging.StreamHandler(terminal)
+    logging.getLogger().addHandler(handler)
+    try:
+        sh = Shrinker(ShrinkOptions(invalid_run, out=tmp_path / "sh", governor_cmd=DOUBLE_OPEN),
+                      Original(invalid_run, INVARIANT, {}, 1, 0, "reference"))
+        t = sh.run_try(sc)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert t.unfired == 1, t
+    assert "never fired" not in terminal.getvalue()
+    assert "never fired" in (Path(t.run_dir) / "logs" / "harness.log").read_text()
+    # Outside a try the warning reaches the terminal as before.
+    logging.getLogger().addHandler(handler)
+    try:
+        logging.getLogger("chaos.nemesis").warning("nemesis: fault[0] x never fired: y")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert "never fired" in terminal.getvalue()
