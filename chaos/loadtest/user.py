@@ -68,7 +68,7 @@ MALFORMED_WAYS = ("lowercase_symbol", "missing_side", "negative_notional",
                   "exponent_notional", "text_notional", "unknown_action", "binary_field",
                   "extra_field")
 DECISIONS = (b"PERMIT", b"BLOCK")
-MIRROR_TTL_S = 0.05  # the mirror greenlet rereads P:position:* at most this often
+MIRROR_TTL_S = 0.2  # the mirror greenlet rereads P:position:* at most this often
 READ_BLOCK_MS = 200
 READ_COUNT = 5000  # entries per XREAD: a second of decisions at 5,000 plans/s
 MAX_BATCH = 500  # plans per XADD pipeline
