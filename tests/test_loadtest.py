@@ -85,7 +85,6 @@ def test_reference_headless_run_is_valid_with_latency_and_csv(tmp_path: Path) ->
     meta = json.loads((run / "run.json").read_text())
     assert meta["kind"] == "loadtest" and meta["status"] == "complete"
     assert meta["loadtest"]["rate"] == 200.0 and "scenario_spec" not in meta
-    assert meta["loadtest"]["harness_nice"] == 10
     results = json.loads((run / "results.json").read_text())
     assert results["valid"] is True, results.get("violations")
     cov = results["coverage"]
@@ -114,7 +113,6 @@ def test_legacy_open_storm_breaks_the_invariants_and_exits_1(tmp_path: Path) -> 
     (("--mix", "open=70,hold=30"), "--mix"),
     (("--rate", "0"), "--rate"),
     (("--rate", "900", "--max-rate", "500"), "--max-rate"),
-    (("--harness-nice", "25"), "--harness-nice"),
     # without chaos.loadtest.staging: "not available yet" (never a shared Redis without
     # the safety rules); with it: its preflight refuses a server that does not answer
     (("--redis-url", "redis://127.0.0.1:1/0"), "redis"),
@@ -397,39 +395,3 @@ def test_web_ui_swarm_stop_swarm_again_then_sigterm(tmp_path: Path) -> None:
     assert results["valid"] is True and results["coverage"]["plans_sent"] == sent()
     assert len(list((run / "history").glob("runner-*.jsonl"))) == 1  # one world
     assert _wait_gone(run) == []
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness: Linux")
-def test_only_the_threads_off_the_decision_path_get_a_lower_priority() -> None:
-    """The world's apply-layer and recorder threads (also those started later) get the
-    added niceness; the supervisor's (it restarts governors, which inherit it) and the
-    main thread keep theirs."""
-
-    import threading
-
-    from chaos.loadtest.world import lower_off_path_priority
-
-    base = os.getpriority(os.PRIO_PROCESS, 0)
-    stop, hold = threading.Event(), threading.Event()
-
-    def start(name: str) -> threading.Thread:
-        t = threading.Thread(target=hold.wait, name=name, daemon=True)
-        t.start()
-        return t
-
-    early, sup = start("apply-1-order_0"), start("supervisor-lt")
-    done = lower_off_path_priority(3, stop, every_s=0.05)
-    try:
-        late = start("recorder")
-        deadline = time.monotonic() + 5
-        while late.native_id not in done and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert {early.native_id, late.native_id} <= set(done)
-        for t in (early, late):
-            assert os.getpriority(os.PRIO_PROCESS, t.native_id) == min(19, base + 3)
-        assert os.getpriority(os.PRIO_PROCESS, sup.native_id) == base
-        assert os.getpriority(os.PRIO_PROCESS, 0) == base
-        assert sup.native_id not in done
-    finally:
-        stop.set()
-        hold.set()

@@ -91,8 +91,7 @@ def _on_init(environment: Environment, **_: Any) -> None:
     run_dir, link = _run_dir(opts)
     args = ["--run-dir", str(run_dir), "--governor", opts.governor,
             "--governors", str(opts.governors), "--symbols", str(opts.symbols),
-            "--settings", json.dumps(options.settings(opts, S.mix)),
-            "--harness-nice", str(opts.harness_nice)]
+            "--settings", json.dumps(options.settings(opts, S.mix))]
     if opts.governor_cmd:
         args += ["--governor-cmd", opts.governor_cmd]
     if link:

@@ -18,7 +18,6 @@ TASKS = ("open", "close", "stale", "malformed")
 DEFAULT_MIX = "open=70,close=20,stale=5,malformed=5"
 DEFAULT_RATE = 200.0
 DEFAULT_DEADLINE_S = 5.0
-DEFAULT_HARNESS_NICE = 10  # see chaos.loadtest.world.lower_off_path_priority
 
 
 class OptionError(ValueError):
@@ -86,9 +85,6 @@ def add_arguments(parser: Any) -> None:
     g.add_argument("--own-executor", action="store_true", default=False,
                    help="the system under test executes its permits itself: start no apply "
                         "layer and no exchange; measure decisions, skip the ledger checks")
-    g.add_argument("--harness-nice", type=int, default=DEFAULT_HARNESS_NICE,
-                   help="CPU niceness of the harness's threads that are off the decision "
-                        "path (apply layer, exchange, recorder); 0 = as Locust's")
     g.add_argument("--allow-remote-redis", "--allow-remote", dest="allow_remote_redis",
                    action="store_true", default=False,
                    help="allow a non-loopback --redis-url")
@@ -131,8 +127,6 @@ def validate(opts: Any) -> dict[str, float]:
         raise OptionError(f"--symbols must be in [1, 1000], got {opts.symbols}")
     if opts.decision_deadline_s <= 0:
         raise OptionError("--decision-deadline-s must be > 0")
-    if not 0 <= opts.harness_nice <= 19:
-        raise OptionError(f"--harness-nice must be in [0, 19], got {opts.harness_nice}")
     return mix
 
 
@@ -149,4 +143,4 @@ def settings(opts: Any, mix: Mapping[str, float]) -> dict[str, Any]:
             "processes": getattr(opts, "processes", None),
             "redis_url": redact_url(opts.redis_url) if opts.redis_url else None,
             "prefix": opts.prefix or None, "external_governor": opts.external_governor,
-            "own_executor": opts.own_executor, "harness_nice": opts.harness_nice}
+            "own_executor": opts.own_executor}

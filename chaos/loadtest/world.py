@@ -198,43 +198,6 @@ class _Stop:
     signal: int | None = None
 
 
-OFF_PATH_THREADS = ("apply", "recorder")  # thread-name prefixes: not on the decision path
-
-
-def lower_off_path_priority(nice: int, stop: threading.Event,
-                            every_s: float = 0.5) -> list[int]:
-    """Raise the niceness of the world's threads that are off the decision path (the
-    apply layer, the exchange it calls, the recorder) by ``nice``, again every
-    ``every_s`` for threads started since (the apply layer's order threads start on
-    demand), until ``stop``. The path a load test measures (Locust, Redis, the governors)
-    keeps its priority, so on a machine with few cores the harness's own bookkeeping does
-    not delay the decisions being timed. Not the supervisor's thread: the governors it
-    restarts inherit its niceness. Linux only (a thread's niceness is its own there).
-    Returns the native ids done (filled while it runs)."""
-    done: list[int] = []
-    if nice <= 0 or not sys.platform.startswith("linux"):
-        return done
-    base = os.getpriority(os.PRIO_PROCESS, 0)
-    target = min(19, base + nice)
-
-    def loop() -> None:
-        while True:
-            for t in threading.enumerate():
-                tid = t.native_id
-                if tid is None or tid in done or not t.name.startswith(OFF_PATH_THREADS):
-                    continue
-                try:
-                    os.setpriority(os.PRIO_PROCESS, tid, target)
-                except OSError:  # the thread ended meanwhile
-                    continue
-                done.append(tid)
-            if stop.wait(every_s):
-                return
-
-    threading.Thread(target=loop, name="nice", daemon=True).start()
-    return done
-
-
 def _emit(obj: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(obj, default=str) + "\n")
     sys.stdout.flush()
@@ -281,7 +244,6 @@ def serve(args: argparse.Namespace) -> int:
         _emit({"ready": True, "redis_url": world.provider.url, "prefix": world.keys.prefix,
                "run_dir": str(world.run_dir), "pid": os.getpid()})
         threading.Thread(target=watch_stdin, name="stdin", daemon=True).start()
-        lower_off_path_priority(args.harness_nice, stop.event)
         stop.event.wait()
         try:
             world.finish(result, interrupted=stop.signal is not None)
@@ -312,8 +274,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="the system executes its permits itself: start no apply layer, "
                         "no exchange")
     p.add_argument("--settings", default=None, help="JSON for run.json's loadtest field")
-    p.add_argument("--harness-nice", type=int, default=0,
-                   help="niceness added to the threads off the decision path")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="world %(levelname)s %(name)s: %(message)s")
