@@ -135,7 +135,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="runs per candidate during the search (at most N; early-stopped)")
     shr.add_argument("--budget-s", type=float, default=600.0, help="time budget (s)")
     shr.add_argument("--invariant", help="the invariant to keep violated (default: the one "
-                     "violated first)")
+                     "violated most often; ties: the one violated first)")
     shr.add_argument("--out", type=Path, help="output directory (default RUN_DIR/shrink)")
     gsh = shr.add_mutually_exclusive_group()
     gsh.add_argument("--governor", default=None, choices=["reference", "seed", "legacy"],

@@ -249,7 +249,20 @@ def load_original(run_dir: Path, invariant: str | None) -> Original:
         seen = sorted({str(v.get("invariant")) for v in violations})
         raise ShrinkError(f"{run_dir}: {invariant} is not violated in this run (violated: "
                           f"{', '.join(seen)})")
-    v = min(chosen, key=lambda x: int(x.get("wall_ms") or 0))
+    # By default the invariant violated most often (ties: the one violated first): a
+    # design's systematic failure comes back in a replay far more often than a single
+    # violation of a rare race does. Its first violation is the witness to start from.
+    counts: dict[str, int] = {}
+    for x in chosen:
+        counts[str(x.get("invariant"))] = counts.get(str(x.get("invariant")), 0) + 1
+    for n, r in (results.get("invariants") or {}).items():  # the list may be capped
+        if n in counts and isinstance(r, dict) and isinstance(r.get("violations"), int):
+            counts[n] = max(counts[n], r["violations"])
+    first: dict[str, dict[str, Any]] = {}
+    for x in sorted(chosen, key=lambda x: int(x.get("wall_ms") or 0)):
+        first.setdefault(str(x.get("invariant")), x)
+    name = max(first, key=lambda n: (counts[n], -int(first[n].get("wall_ms") or 0)))
+    v = first[name]
     stats = results.get("stats") or {}
     o = Original(run_dir, str(v["invariant"]), v,
                  sum(x.get("invariant") == v["invariant"] for x in violations),

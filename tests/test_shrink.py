@@ -213,3 +213,32 @@ def test_a_fault_that_never_fired_is_said_once_on_the_progress_line_not_logged_p
     finally:
         logging.getLogger().removeHandler(handler)
     assert "never fired" in terminal.getvalue()
+
+
+def test_by_default_the_invariant_violated_most_often_is_kept(invalid_run: Path,
+                                                             tmp_path: Path) -> None:
+    """A run whose first violation is a lone one of another invariant: the default is the
+    invariant with the most violations (a design's systematic failure), its first
+    violation the witness; ``--invariant`` still picks any; ties go to the first."""
+    import shutil
+
+    from chaos.shrink import load_original
+
+    run = tmp_path / "run"
+    shutil.copytree(invalid_run, run)
+    res = json.loads((run / "results.json").read_text())
+    ours = [v for v in res["violations"] if v["invariant"] == INVARIANT]
+    first_ms = min(int(v["wall_ms"]) for v in ours)
+    lone = {**ours[0], "invariant": "one_decision", "wall_ms": first_ms - 100}
+    res["violations"].insert(0, lone)
+    res["invariants"]["one_decision"] = {"invariant": "one_decision", "valid": False,
+                                         "violations": 1, "note": ""}
+    (run / "results.json").write_text(json.dumps(res))
+    o = load_original(run, None)
+    assert (o.invariant, int(o.violation["wall_ms"])) == (INVARIANT, first_ms)
+    assert load_original(run, "one_decision").invariant == "one_decision"
+    # A tie (as many of each): the one violated first.
+    res["invariants"]["one_decision"]["violations"] = res["invariants"][INVARIANT]["violations"]
+    res["violations"] += [lone] * (len(ours) - 1)
+    (run / "results.json").write_text(json.dumps(res))
+    assert load_original(run, None).invariant == "one_decision"
