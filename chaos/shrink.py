@@ -202,6 +202,7 @@ class Original:
     governor: str
     faults: list[dict[str, Any]] = field(default_factory=list)  # windows: kind, start, target
     submits: list[tuple[int, str]] = field(default_factory=list)  # (wall_ms, plan_id)
+    violated: tuple[str, ...] = ()  # every invariant the run violated, most violated first
 
     @property
     def at_s(self) -> float:
@@ -261,13 +262,18 @@ def load_original(run_dir: Path, invariant: str | None) -> Original:
     first: dict[str, dict[str, Any]] = {}
     for x in sorted(chosen, key=lambda x: int(x.get("wall_ms") or 0)):
         first.setdefault(str(x.get("invariant")), x)
-    name = max(first, key=lambda n: (counts[n], -int(first[n].get("wall_ms") or 0)))
-    v = first[name]
+    order = sorted(first, key=lambda n: (-counts[n], int(first[n].get("wall_ms") or 0)))
+    v = first[order[0]]
     stats = results.get("stats") or {}
     o = Original(run_dir, str(v["invariant"]), v,
                  sum(x.get("invariant") == v["invariant"] for x in violations),
                  int(stats.get("workload_start_ms") or stats.get("first_ms") or 0),
                  str(meta.get("governor") or "reference"))
+    every: dict[str, int] = {}
+    for x in violations:
+        every[str(x.get("invariant"))] = every.get(str(x.get("invariant")), 0) + 1
+    o.violated = tuple(sorted(every, key=lambda n: -max(every[n], (
+        (results.get("invariants") or {}).get(n) or {}).get("violations") or 0)))
     targets: dict[str, str] = {}
     for op in iter_history(run_dir):
         val = op.value if isinstance(op.value, dict) else {}
@@ -320,6 +326,7 @@ class Try:
     seconds: float
     error: str | None = None
     unfired: int = 0  # event-anchored faults whose event never came (the try's harness.log)
+    violated: tuple[str, ...] = ()  # every invariant the try violated
 
 
 @dataclass
@@ -443,7 +450,8 @@ class Shrinker:
             r = v.results.get(self.orig.invariant)
             word = {True: "valid", False: "INVALID", None: "unknown"}[v.valid]
             t = Try(str(run_dir), word, bool(r is not None and r.valid is False),
-                    time.monotonic() - t0)
+                    time.monotonic() - t0,
+                    violated=tuple(n for n, x in v.results.items() if x.valid is False))
         finally:
             for h in terminals:
                 h.removeFilter(held)
@@ -511,9 +519,10 @@ class Shrinker:
         self.say(f"[{self.elapsed():5.0f}s] {'original':<28} {self.before.line()}")
         self.write()
         try:
-            if not self.seed(replay):
-                self.stopped_because = ("no candidate, not even the whole replay, failed in "
-                                        "enough tries")
+            if not self.seed(replay) and not self.pick_invariant(replay):
+                if not self.stopped_because:
+                    self.stopped_because = ("no candidate, not even the whole replay, failed "
+                                            "in enough tries")
                 return
             self.shift_start()
             self.shrink_faults()
@@ -568,6 +577,64 @@ class Shrinker:
             return False
         if self.current is whole or self.current == whole:
             self.reseed()
+        return True
+
+    def pick_invariant(self, replay: scn.Scenario) -> bool:
+        """When the default invariant does not come back (no ``--invariant`` given): the
+        whole replay measured with the verification's bar (k of N, stopped as soon as that
+        is reached or out of reach) for every invariant the original run violated; the
+        first to reach k becomes the one shrunk, from its own witness. A design's races
+        replay at different rates: on the seed design a run's most violated invariant
+        came back in 0 to 2 of 5 replays where another came back in 5 of 5."""
+        # liveness needs the probe, which a try runs only when liveness is the one shrunk
+        names = [x for x in self.orig.violated if x != "liveness"]
+        if self.opts.invariant is not None or not names:
+            return False
+        from chaos.rundir import RunDirError
+
+        whole = _fit_duration(replay, max(replay.duration_s, _last_t(replay) + SETTLE_S))
+        n, k = self.opts.tries, self.opts.k
+        step = Step(f"seed: the whole replay, any of {len(names)} invariants", Size.of(whole))
+        counts = dict.fromkeys(names, 0)
+        best: str | None = None
+        for i in range(n):
+            reserve = self._est_try_s() * (n + 1)
+            if self._left() < reserve + self._est_try_s():
+                self.stopped_because = (f"time budget: {self._left():.0f} s left while "
+                                        f"measuring the whole replay per invariant")
+                break
+            t = self.run_try(whole)
+            step.tries.append(t)
+            for name in names:
+                counts[name] += name in t.violated
+            best = max(names, key=lambda x: counts[x])
+            if counts[best] >= k or counts[best] + (n - i - 1) < k:
+                break
+        step.elapsed_s = round(self.elapsed(), 1)
+        step.note = "failures per invariant: " + ", ".join(f"{x} {c}/{len(step.tries)}"
+                                                            for x, c in counts.items())
+        step.accepted = best is not None and counts[best] >= k
+        self.steps.append(step)
+        self.say(f"[{self.elapsed():5.0f}s] {step.name:<28} {step.size.line()}  "
+                 f"{step.note}  " + (f"kept: {best}" if step.accepted else "rejected"))
+        if not step.accepted or best is None:
+            self.write()
+            return False
+        try:
+            orig = load_original(self.orig.run_dir, best)
+        except (ShrinkError, RunDirError, OSError, ValueError) as exc:
+            self.say(f"{best}: {exc}")
+            return False
+        orig.violated = self.orig.violated
+        self.orig = orig
+        for t in step.tries:
+            t.failed = best in t.violated
+        self.current = whole
+        self.accepted.append(whole)
+        self.say(f"[{self.elapsed():5.0f}s] shrinking {best} instead ({orig.violations} "
+                 f"violation(s) in the run, the first at {orig.at_s:.2f} s)")
+        self.write()
+        self.reseed()
         return True
 
     def reseed(self) -> None:
@@ -871,7 +938,8 @@ class Shrinker:
                   "| step | candidate | tries failed | kept |", "|---|---|---|---|"]
         for s in self.steps:
             z = s.size
-            lines.append(f"| {s.name} | {z.faults}f {z.producers}p {z.plans} plans "
+            lines.append(f"| {s.name}{f' ({s.note})' if s.note else ''} | {z.faults}f "
+                         f"{z.producers}p {z.plans} plans "
                          f"{z.duration_s}s | {s.failures}/{len(s.tries)} | "
                          f"{'yes' if s.accepted else 'no'} |")
         if self.current is not None:

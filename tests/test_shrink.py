@@ -242,3 +242,41 @@ def test_by_default_the_invariant_violated_most_often_is_kept(invalid_run: Path,
     res["violations"] += [lone] * (len(ours) - 1)
     (run / "results.json").write_text(json.dumps(res))
     assert load_original(run, None).invariant == "one_decision"
+
+
+def test_when_the_default_invariant_does_not_come_back_another_that_replays_is_shrunk(
+        invalid_run: Path, tmp_path: Path) -> None:
+    """The run's verdict is given one more invariant, violated most often (so the default)
+    but never by this governor: no candidate reproduces it, the whole replay is then
+    measured per invariant, and the one that comes back in k of N is shrunk to its known
+    minimum. With ``--invariant`` given, there is no such fallback."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(invalid_run, run)
+    res = json.loads((run / "results.json").read_text())
+    ours = [v for v in res["violations"] if v["invariant"] == INVARIANT]
+    ghost = [{**v, "invariant": "one_decision"} for v in ours] * 2
+    res["violations"] += ghost
+    res["invariants"]["one_decision"] = {"invariant": "one_decision", "valid": False,
+                                         "violations": len(ghost), "note": ""}
+    (run / "results.json").write_text(json.dumps(res))
+    out = tmp_path / "shrink"
+    p = shrink_cli(str(run), "--out", str(out), "--tries", "3", "--k", "3",
+                   "--search-tries", "2", "--budget-s", "300", "--governor-cmd", DOUBLE_OPEN)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "seed: the whole replay, any of" in p.stderr, p.stderr
+    assert f"shrinking {INVARIANT} instead" in p.stderr, p.stderr
+    data = json.loads((out / "shrink.json").read_text())
+    assert data["invariant"] == INVARIANT and data["status"] == "reproduced"
+    pick = next(s for s in data["steps"] if s["name"].startswith("seed: the whole replay, any"))
+    assert pick["accepted"] and f"{INVARIANT} 3/3" in pick["note"] and "one_decision 0/3" \
+        in pick["note"], pick["note"]
+    assert {k: data["after"][k] for k in ("faults", "producers", "plans")} == \
+        {"faults": 0, "producers": 1, "plans": 2}
+    forced = shrink_cli(str(run), "--out", str(tmp_path / "forced"), "--invariant",
+                        "one_decision", "--tries", "3", "--k", "3", "--search-tries", "2",
+                        "--budget-s", "120", "--governor-cmd", DOUBLE_OPEN)
+    assert forced.returncode == 1, forced.stdout + forced.stderr
+    assert "any of" not in forced.stderr
+    assert "one_decision 0/3" in (out / "shrink.md").read_text()
