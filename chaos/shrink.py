@@ -1014,12 +1014,12 @@ def shrink(opts: ShrinkOptions) -> ShrinkResult:
     sh.write(status)
     sh.write_md(status)
     if sh.current is None:
-        msg = (f"no candidate reproduces {orig.invariant} ({sh.opts.search_k} of "
+        msg = (f"no candidate reproduces {sh.orig.invariant} ({sh.opts.search_k} of "
                f"{sh.opts.search_n} tries): {sh.stopped_because}; see {sh.out}/shrink.md")
     else:
         after = Size.of(sh.current)
         assert v is not None
-        msg = (f"{'reproduces' if ok else 'does NOT reproduce'} {orig.invariant} in "
+        msg = (f"{'reproduces' if ok else 'does NOT reproduce'} {sh.orig.invariant} in "
                f"{v.failures}/{len(v.tries)} tries: {after.line()}; {sh.out}/repro.toml")
     return ShrinkResult(status, sh.out, 0 if ok else 1, msg)
 

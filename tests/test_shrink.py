@@ -267,6 +267,7 @@ def test_when_the_default_invariant_does_not_come_back_another_that_replays_is_s
     assert p.returncode == 0, p.stdout + p.stderr
     assert "seed: the whole replay, any of" in p.stderr, p.stderr
     assert f"shrinking {INVARIANT} instead" in p.stderr, p.stderr
+    assert f"reproduces {INVARIANT} in 3/3" in p.stdout, p.stdout
     data = json.loads((out / "shrink.json").read_text())
     assert data["invariant"] == INVARIANT and data["status"] == "reproduced"
     pick = next(s for s in data["steps"] if s["name"].startswith("seed: the whole replay, any"))
