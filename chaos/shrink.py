@@ -528,6 +528,7 @@ class Shrinker:
             self.shrink_faults()
             self.anchor_fault()
             self.shrink_producers()
+            self.rewitness()
             self.shrink_plans()
             self.shrink_symbols()
             self.shrink_duration()
@@ -626,23 +627,28 @@ class Shrinker:
             self.say(f"{best}: {exc}")
             return False
         orig.violated = self.orig.violated
+        same = best == self.orig.invariant
         self.orig = orig
         for t in step.tries:
             t.failed = best in t.violated
         self.current = whole
         self.accepted.append(whole)
-        self.say(f"[{self.elapsed():5.0f}s] shrinking {best} instead ({orig.violations} "
+        self.say(f"[{self.elapsed():5.0f}s] shrinking {best} "
+                 f"{'from the whole replay' if same else 'instead'} ({orig.violations} "
                  f"violation(s) in the run, the first at {orig.at_s:.2f} s)")
         self.write()
         self.reseed()
         return True
 
-    def reseed(self) -> None:
+    def reseed(self, step: Step | None = None, label: str = "reseed") -> None:
         """The whole replay fails, the original's witness alone did not: the witnesses of
-        the replay's own failing tries (other plans, other moments) are tried as seeds."""
+        the replay's own failing tries (other plans, other moments) are tried as seeds.
+        Also before delta debugging a candidate still above the plan target: the
+        witnesses of its own failing tries (``step``, the one that kept it), where halving
+        a crowd of plans thins the race out of it."""
         from chaos.rundir import RunDirError
 
-        step = self.steps[-1]
+        step = step or self.steps[-1]
         cands: list[tuple[str, scn.Scenario]] = []
         for t in [t for t in step.tries if t.failed][:2]:
             try:
@@ -652,8 +658,17 @@ class Shrinker:
                 continue
             assert self.current is not None
             cands += self._witness_candidates(self.current, o,
-                                              f"reseed {Path(t.run_dir).name}")[:2]
+                                              f"{label} {Path(t.run_dir).name}")[:2]
         self.first(cands)
+
+    def rewitness(self) -> None:
+        """:meth:`reseed` from the tries of the step that kept the current candidate, when
+        it still has more plans than the target."""
+        if self.current is None or Size.of(self.current).plans <= TARGETS["plans"]:
+            return
+        kept = next((st for st in reversed(self.steps) if st.accepted and st.failures), None)
+        if kept is not None:
+            self.reseed(kept, "witness of try")
 
     def shift_start(self) -> None:
         """Every operation (and a time-anchored fault) moved earlier so that the first is
