@@ -132,12 +132,25 @@ def _keep(sc: scn.Scenario, keep: Callable[[str, dict[str, Any]], bool],
     ``producers`` named (default all); other ops stay (up to ``until``); a producer whose
     plans are all gone is dropped (one that never had any, an operator, stays); the
     duration is refitted."""
+    # A plan a fault is anchored on is part of that fault: without it the fault never
+    # fires, and the candidate would be judged on a scenario it does not describe.
+    anchors = {f.after.plan_id for f in sc.faults if f.after is not None and f.after.plan_id}
+    if anchors:
+        inner = keep
+
+        def keep(p: str, op: dict[str, Any]) -> bool:
+            return inner(p, op) or _plan_id(op) in anchors
+
     out = []
     for w in sc.workloads:
         name = str(w.params.get("producer", ""))
-        if w.kind != "replay" or (producers is not None and name not in producers):
-            if w.kind != "replay":
-                out.append(w)
+        if w.kind != "replay":
+            out.append(w)
+            continue
+        if producers is not None and name not in producers:
+            kept = [op for op in _ops(w) if _is_plan(op) and _plan_id(op) in anchors]
+            if kept:  # a dropped producer still sends the plans faults are anchored on
+                out.append(_with_ops(w, kept))
             continue
         ops = [op for op in _ops(w) if (keep(name, op) if _is_plan(op) else
                                         until is None or float(op.get("t", 0)) <= until)]
@@ -790,7 +803,9 @@ class Shrinker:
         assert self.current is not None
         for w in sorted(_producers(self.current), key=lambda w: -len(_ops(w))):
             name = str(w.params.get("producer", ""))
-            ids = [_plan_id(x) or "" for x in _ops(w) if _is_plan(x)]
+            anchors = {f.after.plan_id for f in self._cur().faults if f.after is not None}
+            ids = [_plan_id(x) or "" for x in _ops(w) if _is_plan(x)
+                   and _plan_id(x) not in anchors]  # kept by _keep whatever the subset
             if len(ids) < 2:
                 continue
 

@@ -281,3 +281,29 @@ def test_when_the_default_invariant_does_not_come_back_another_that_replays_is_s
     assert forced.returncode == 1, forced.stdout + forced.stderr
     assert "any of" not in forced.stderr
     assert "one_decision 0/3" in (out / "shrink.md").read_text()
+
+
+def test_a_candidate_never_drops_the_plan_its_fault_is_anchored_on(invalid_run: Path) -> None:
+    """Cutting plans or producers keeps the plan an event-anchored fault waits for: a
+    candidate without it would never fire its fault (and be judged on a scenario that
+    is not the one it describes)."""
+    from dataclasses import replace
+
+    from chaos.replay import scenario_from_run
+    from chaos.shrink import _keep, _plan_id, _plans, _producers
+
+    sc = scenario_from_run(invalid_run)
+    plans = _plans(sc)
+    anchor = _plan_id(plans[len(plans) // 2])
+    fault = replace(sc.faults[0], at=0.0, every=0.0,
+                    after=scn.AnchorSpec(event="submit", plan_id=anchor, delay=0.01))
+    sc = replace(sc, faults=(fault,))
+    assert [_plan_id(op) for op in _plans(_keep(sc, lambda p, op: False))] == [anchor]
+    owner = next(str(w.params["producer"]) for w in _producers(sc)
+                 if any(_plan_id(op) == anchor for op in w.params["ops"]))
+    others = {str(w.params["producer"]) for w in _producers(sc)} - {owner}
+    cut = _keep(sc, lambda p, op: True, producers=others)
+    assert anchor in {_plan_id(op) for op in _plans(cut)}
+    assert len(_plans(cut)) < len(plans)
+    # Without the fault, nothing is kept for its sake.
+    assert _plans(_keep(replace(sc, faults=()), lambda p, op: False)) == []
