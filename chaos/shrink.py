@@ -882,7 +882,7 @@ class Shrinker:
             step = Step("verify" + (f" (step back {back})" if back else ""), Size.of(sc))
             self.verification, self.current = step, sc
             for _ in range(self.opts.tries):
-                if self._left() < 0.5 * self._est_try_s():
+                if self._left() < self._est_try_s():  # a try started must end in budget
                     step.note = "the time budget ran out during the verification"
                     break
                 step.tries.append(self.run_try(sc))
