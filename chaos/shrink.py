@@ -611,6 +611,7 @@ class Shrinker:
         step = Step(f"seed: the whole replay, any of {len(names)} invariants", Size.of(whole))
         counts = dict.fromkeys(names, 0)
         best: str | None = None
+        self.steps.append(step)  # in shrink.json from its first try: a Ctrl-C keeps them
         for i in range(n):
             reserve = self._est_try_s() * (n + 1)
             if self._left() < reserve + self._est_try_s():
@@ -622,13 +623,13 @@ class Shrinker:
             for name in names:
                 counts[name] += name in t.violated
             best = max(names, key=lambda x: counts[x])
+            step.note = "failures per invariant: " + ", ".join(
+                f"{x} {c}/{len(step.tries)}" for x, c in counts.items())
+            self.write()
             if counts[best] >= k or counts[best] + (n - i - 1) < k:
                 break
         step.elapsed_s = round(self.elapsed(), 1)
-        step.note = "failures per invariant: " + ", ".join(f"{x} {c}/{len(step.tries)}"
-                                                            for x, c in counts.items())
         step.accepted = best is not None and counts[best] >= k
-        self.steps.append(step)
         self.say(f"[{self.elapsed():5.0f}s] {step.name:<28} {step.size.line()}  "
                  f"{step.note}  " + (f"kept: {best}" if step.accepted else "rejected"))
         if not step.accepted or best is None:
