@@ -126,6 +126,16 @@ def _fit_duration(sc: scn.Scenario, duration: float | None = None) -> scn.Scenar
     return replace(sc, duration_s=round(max(MIN_DURATION_S, d), 3))
 
 
+def _whole(replay: scn.Scenario) -> scn.Scenario:
+    """The whole replay as a candidate: long enough for its last operation to settle."""
+    return _fit_duration(replay, max(replay.duration_s, _last_t(replay) + SETTLE_S))
+
+
+def _anchor_plans(sc: scn.Scenario) -> set[str]:
+    """The plans ``sc``'s event-anchored faults wait for."""
+    return {f.after.plan_id for f in sc.faults if f.after is not None and f.after.plan_id}
+
+
 def _keep(sc: scn.Scenario, keep: Callable[[str, dict[str, Any]], bool],
           until: float | None = None, producers: set[str] | None = None) -> scn.Scenario:
     """The scenario with only the plan ops ``keep(producer, op)`` accepts and only the
@@ -134,7 +144,7 @@ def _keep(sc: scn.Scenario, keep: Callable[[str, dict[str, Any]], bool],
     duration is refitted."""
     # A plan a fault is anchored on is part of that fault: without it the fault never
     # fires, and the candidate would be judged on a scenario it does not describe.
-    anchors = {f.after.plan_id for f in sc.faults if f.after is not None and f.after.plan_id}
+    anchors = _anchor_plans(sc)
     if anchors:
         inner = keep
 
@@ -258,35 +268,30 @@ def load_original(run_dir: Path, invariant: str | None) -> Original:
             results.get("valid"), str(results.get("valid")))
         raise ShrinkError(f"{run_dir}: nothing to shrink: the run is {word} with no "
                           f"violation")
-    chosen = [v for v in violations if invariant is None or v.get("invariant") == invariant]
-    if not chosen:
-        seen = sorted({str(v.get("invariant")) for v in violations})
-        raise ShrinkError(f"{run_dir}: {invariant} is not violated in this run (violated: "
-                          f"{', '.join(seen)})")
-    # By default the invariant violated most often (ties: the one violated first): a
-    # design's systematic failure comes back in a replay far more often than a single
-    # violation of a rare race does. Its first violation is the witness to start from.
-    counts: dict[str, int] = {}
-    for x in chosen:
-        counts[str(x.get("invariant"))] = counts.get(str(x.get("invariant")), 0) + 1
-    for n, r in (results.get("invariants") or {}).items():  # the list may be capped
-        if n in counts and isinstance(r, dict) and isinstance(r.get("violations"), int):
-            counts[n] = max(counts[n], r["violations"])
+    # Per invariant: how often it was violated (the per-invariant totals: the list may be
+    # capped) and its first violation. By default the one violated most often (ties: the
+    # one violated first) is shrunk: a design's systematic failure comes back in a replay
+    # far more often than a single violation of a rare race does.
+    totals: dict[str, int] = {}
     first: dict[str, dict[str, Any]] = {}
-    for x in sorted(chosen, key=lambda x: int(x.get("wall_ms") or 0)):
-        first.setdefault(str(x.get("invariant")), x)
-    order = sorted(first, key=lambda n: (-counts[n], int(first[n].get("wall_ms") or 0)))
-    v = first[order[0]]
+    for x in sorted(violations, key=lambda x: int(x.get("wall_ms") or 0)):
+        name = str(x.get("invariant"))
+        totals[name] = totals.get(name, 0) + 1
+        first.setdefault(name, x)
+    for name, r in (results.get("invariants") or {}).items():
+        if name in totals and isinstance(r, dict) and isinstance(r.get("violations"), int):
+            totals[name] = max(totals[name], r["violations"])
+    if invariant is not None and invariant not in first:
+        raise ShrinkError(f"{run_dir}: {invariant} is not violated in this run (violated: "
+                          f"{', '.join(sorted(first))})")
+    violated = tuple(sorted(first, key=lambda n: (-totals[n],
+                                                  int(first[n].get("wall_ms") or 0))))
+    v = first[invariant if invariant is not None else violated[0]]
     stats = results.get("stats") or {}
     o = Original(run_dir, str(v["invariant"]), v,
                  sum(x.get("invariant") == v["invariant"] for x in violations),
                  int(stats.get("workload_start_ms") or stats.get("first_ms") or 0),
-                 str(meta.get("governor") or "reference"))
-    every: dict[str, int] = {}
-    for x in violations:
-        every[str(x.get("invariant"))] = every.get(str(x.get("invariant")), 0) + 1
-    o.violated = tuple(sorted(every, key=lambda n: -max(every[n], (
-        (results.get("invariants") or {}).get(n) or {}).get("violations") or 0)))
+                 str(meta.get("governor") or "reference"), violated=violated)
     targets: dict[str, str] = {}
     for op in iter_history(run_dir):
         val = op.value if isinstance(op.value, dict) else {}
@@ -585,7 +590,7 @@ class Shrinker:
         if firings:
             cands.append(("seed: up to it, faults on events",
                           _fit_duration(replace(upto, faults=tuple(firings)))))
-        whole = _fit_duration(replay, max(replay.duration_s, _last_t(replay) + SETTLE_S))
+        whole = _whole(replay)
         cands.append(("seed: the whole replay", whole))
         if not self.first(cands):
             return False
@@ -606,7 +611,7 @@ class Shrinker:
             return False
         from chaos.rundir import RunDirError
 
-        whole = _fit_duration(replay, max(replay.duration_s, _last_t(replay) + SETTLE_S))
+        whole = _whole(replay)
         n, k = self.opts.tries, self.opts.k
         step = Step(f"seed: the whole replay, any of {len(names)} invariants", Size.of(whole))
         counts = dict.fromkeys(names, 0)
@@ -640,7 +645,6 @@ class Shrinker:
         except (ShrinkError, RunDirError, OSError, ValueError) as exc:
             self.say(f"{best}: {exc}")
             return False
-        orig.violated = self.orig.violated
         same = best == self.orig.invariant
         self.orig = orig
         for t in step.tries:
@@ -804,7 +808,7 @@ class Shrinker:
         assert self.current is not None
         for w in sorted(_producers(self.current), key=lambda w: -len(_ops(w))):
             name = str(w.params.get("producer", ""))
-            anchors = {f.after.plan_id for f in self._cur().faults if f.after is not None}
+            anchors = _anchor_plans(self._cur())
             ids = [_plan_id(x) or "" for x in _ops(w) if _is_plan(x)
                    and _plan_id(x) not in anchors]  # kept by _keep whatever the subset
             if len(ids) < 2:
