@@ -431,9 +431,10 @@ class Exchange:
         """(effect, traded notional, side of the position it leaves or acts on)."""
         try:
             notional = plain_decimal(order.notional or "0")
+            finite = Decimal(notional).is_finite()
         except (InvalidOperation, ValueError):
-            notional = ""
-        if not notional or notional.lower() in ("nan", "snan", "infinity", "-infinity"):
+            finite = False
+        if not finite:
             if action is Action.OPEN:
                 return Effect.REJECTED_INVALID_NOTIONAL, "0", order.side
             notional = "0"  # a close takes the position's notional, a flip the last one's

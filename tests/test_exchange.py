@@ -111,7 +111,7 @@ def test_reduce_only_rejects_a_close_on_a_flat_symbol(tmp_path: Path) -> None:
     assert len(ex.orders()) == 3  # the rejected order is on the record too
 
 
-@pytest.mark.parametrize("notional", ["abc", "NaN", "Infinity", "1e999999"])
+@pytest.mark.parametrize("notional", ["abc", "NaN", "-NaN", "sNaN", "Infinity", "1e999999"])
 def test_an_open_whose_notional_is_not_a_number_is_rejected_not_raised(
         ex: Exchange, notional: str) -> None:
     # A governor that permits a malformed plan: the exchange refuses the order (the
