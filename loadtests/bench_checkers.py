@@ -215,8 +215,10 @@ def bench_model(rounds: int = 3) -> dict[str, object]:
             "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def _sub(args: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, *args], check=True, capture_output=True,
+def measure_in_child(args: list[str], script: str = __file__) -> dict:
+    """``script`` run with ``args`` in a fresh interpreter (its own memory high-water
+    mark); the JSON object its last line prints."""
+    out = subprocess.run([sys.executable, script, *args], check=True, capture_output=True,
                          text=True, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -246,8 +248,8 @@ def main() -> None:
                 print(f"generated {info['ops']} ops / {info['plans']} plans in "
                       f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
             rounds = 3
-            ms = [_sub(["--measure", str(run_dir)] + (["--with-model"] if n <= 100_000 else []))
-                  for _ in range(rounds)]
+            extra = ["--with-model"] if n <= 100_000 else []
+            ms = [measure_in_child(["--measure", str(run_dir), *extra]) for _ in range(rounds)]
             med = statistics.median(m["check_run_s"] for m in ms)
             mod = (statistics.median(m["model_s"] for m in ms) if "model_s" in ms[0] else None)
             rows.append({"n": ms[0]["ops"], "rounds": rounds, "check_run_s": med,
@@ -257,7 +259,7 @@ def main() -> None:
                          "worker_rss_mb": max(m["worker_maxrss_mb"] for m in ms), "model_s": mod,
                          "model_ops": ms[0].get("model_ops"),
                          "model_valid": ms[0].get("model_valid")})
-        m = _sub(["--model-only"])
+        m = measure_in_child(["--model-only"])
     finally:
         if not a.keep:
             shutil.rmtree(base, ignore_errors=True)

@@ -27,7 +27,6 @@ import os
 import shutil
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "loadtests"))
 
-from bench_checkers import T0_MS, make_run  # noqa: E402
+from bench_checkers import T0_MS, make_run, measure_in_child  # noqa: E402
 
 from chaos.history import Op, OpType, write_history  # noqa: E402
 
@@ -109,9 +108,7 @@ def measure(run_dir: str, minimize: bool) -> dict[str, object]:
 
 
 def _sub(args: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, *args], check=True, capture_output=True,
-                         text=True, cwd=ROOT)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return measure_in_child(args, __file__)
 
 
 def main() -> None:
