@@ -8,7 +8,11 @@ and judges the run directory at the end (exit 0 valid, 1 invalid or p99 too high
 2 unknown, 254 bad option, 255 the harness failed).
 """
 
-from chaos.loadtest import hooks  # noqa: F401 - registers the event listeners
-from chaos.loadtest.user import GovernorUser
+from chaos.loadtest.loop import precise_timers
+
+precise_timers()  # before anything runs on gevent's loop: timers in microseconds
+
+from chaos.loadtest import hooks  # noqa: E402, F401 - registers the event listeners
+from chaos.loadtest.user import GovernorUser  # noqa: E402
 
 __all__ = ["GovernorUser"]

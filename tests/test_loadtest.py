@@ -92,9 +92,37 @@ def test_reference_headless_run_is_valid_with_latency_and_csv(tmp_path: Path) ->
     lat = json.loads((run / "latency.json").read_text())
     assert lat["count"] > 300
     assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["p99.9"] <= lat["max"]
+    assert lat["event_loop"] == (os.environ.get("GEVENT_BACKEND") or "select")
     assert "verdict: VALID" in out and "decision latency" in out
     assert list((run / "history").glob("locust-*.jsonl"))
     assert _wait_gone(run) == []
+
+
+@pytest.mark.parametrize(("env", "backend"), [(None, "select"), ("poll", "poll")])
+def test_precise_timers_moves_locusts_loop_off_epoll(env: str | None, backend: str) -> None:
+    """After ``import locust`` gevent's hub already runs on epoll (millisecond timeouts);
+    :func:`chaos.loadtest.loop.precise_timers` replaces it by one on select, unless
+    ``GEVENT_BACKEND`` names a backend. The new loop serves greenlets, timers and child
+    processes as the old one did."""
+    code = """if True:
+        import locust, gevent, gevent.subprocess, time
+        assert gevent.get_hub().loop.backend in ("epoll", "poll"), gevent.get_hub().loop.backend
+        from chaos.loadtest.loop import precise_timers
+        backend = precise_timers()
+        assert backend == gevent.get_hub().loop.backend
+        g = gevent.spawn(lambda: (gevent.sleep(0.0013), 7))
+        t = time.perf_counter()
+        assert g.get(timeout=5)[1] == 7 and time.perf_counter() - t >= 0.0013
+        assert gevent.subprocess.run(["true"]).returncode == 0
+        print(backend)
+    """
+    environ = {k: v for k, v in os.environ.items() if k != "GEVENT_BACKEND"}
+    if env:
+        environ["GEVENT_BACKEND"] = env
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60, env=environ, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.split() == [backend]
 
 
 def test_legacy_open_storm_breaks_the_invariants_and_exits_1(tmp_path: Path) -> None:

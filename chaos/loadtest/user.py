@@ -6,9 +6,10 @@ history writer (``history/locust-<pid>-<pid>.jsonl``, ``submit`` invoke/ok as th
 workloads write them, with their code: :func:`chaos.workloads.submit_plans`, so the
 checkers judge the run), the plan generators of :mod:`chaos.workloads` (``open_storm``,
 ``duplicate_close``, ``stale``, ``malformed``), the schedule, the plans waiting for a
-decision, and four greenlets: the **sender**, which sends the plans that came due in one
-pipeline per round trip (invokes written before it leaves, completions after its
-replies: two history writes per batch, not two per plan); the **reader**, the only one
+decision, and four greenlets: the **sender**, which hands the plans that came due to one
+of up to ``SENDERS`` pipelines in flight (invokes written before it leaves, completions
+after its replies: two history writes per batch, not two per plan; at a low rate each
+plan leaves alone and at once, as soon as it is due); the **reader**, the only one
 that reads ``P:stream:governor.events`` (XREAD BLOCK from the last entry id taken before
 the first plan was sent) and completes the waiting plans; the **expirer**, which fails the
 plans with no decision within ``--decision-deadline-s``; and the **mirror** follower,
@@ -37,6 +38,8 @@ from typing import Any
 
 import gevent
 import gevent.event
+import gevent.lock
+import gevent.pool
 import redis
 from locust import User, task
 from locust.env import Environment
@@ -72,6 +75,7 @@ MIRROR_TTL_S = 0.2  # the mirror greenlet rereads P:position:* at most this ofte
 READ_BLOCK_MS = 200
 READ_COUNT = 5000  # entries per XREAD: a second of decisions at 5,000 plans/s
 MAX_BATCH = 500  # plans per XADD pipeline
+SENDERS = 3  # pipelines out at once per process (sender greenlets, connections)
 
 
 class DecisionTimeout(Exception):
@@ -124,9 +128,13 @@ class Plane:
                                            encoding_errors="replace", socket_timeout=5,
                                            socket_connect_timeout=2,
                                            retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0))
+        # One connection held for the reader's every XREAD (no pool borrow per read).
         self.reader_client = redis.Redis.from_url(redis_url, decode_responses=False,
-                                                  socket_timeout=READ_BLOCK_MS / 1000 + 5)
-        self.send = _Sender(self.client)
+                                                  socket_timeout=READ_BLOCK_MS / 1000 + 5,
+                                                  single_connection_client=True)
+        self.send = _Sender(self.client)  # a connection from the pool per pipeline
+        self.senders = gevent.lock.BoundedSemaphore(SENDERS)  # pipelines out at once
+        self.in_flight = gevent.pool.Group()
         self.name = f"locust-{os.getpid()}"
         self.hist = HistoryWriter(run_dir, self.name)
         self.tasks = [t for t, w in mix.items() if w > 0]
@@ -203,25 +211,35 @@ class Plane:
 
     # -- the sender: what came due, in one pipeline ----------------------------------------
     def _send_loop(self) -> None:
-        """Send the plans that came due, oldest first, at most MAX_BATCH per round trip.
-        While one pipeline is out, the plans coming due meanwhile wait for the next one
-        (their latency still runs from their scheduled time): one round trip and two
-        history writes per batch instead of per plan."""
+        """Hand the plans that came due, oldest first, at most MAX_BATCH, to a sender
+        greenlet (at most SENDERS at once, each on a connection of the pool), which sends
+        them in one pipeline. At a low rate a due plan finds a sender free and leaves at
+        once; when every sender has a pipeline out, the plans coming due meanwhile wait
+        for the first to come back (their latency still runs from their scheduled time),
+        then leave together: one round trip and two history writes per batch instead of
+        per plan."""
         while self.running or self.due:
             if not self.due:
                 self.has_due.clear()
                 self.has_due.wait(timeout=0.2)
                 continue
+            self.senders.acquire()  # waits while SENDERS pipelines are out
             batch, self.due = self.due[:MAX_BATCH], self.due[MAX_BATCH:]
             self.batches += 1
+            self.in_flight.spawn(self._submit, batch)
+
+    def _submit(self, batch: list[tuple[SubmitPlan, dict[str, Any]]]) -> None:
+        try:
             replies = submit_plans(self.send, self.hist, self.keys.plans, batch)
-            for (em, _extra), reply in zip(batch, replies, strict=True):
-                if isinstance(reply, NotSent):
-                    w = self.waiting.pop(em.key, None)
-                    if w is not None:
-                        self.send_failures += 1
-                        self._fire(w.action, "XADD", w.scheduled, SendFailed(str(reply)))
-                # Unknown: it may have been added, so its decision may still come.
+        finally:
+            self.senders.release()
+        for (em, _extra), reply in zip(batch, replies, strict=True):
+            if isinstance(reply, NotSent):
+                w = self.waiting.pop(em.key, None)
+                if w is not None:
+                    self.send_failures += 1
+                    self._fire(w.action, "XADD", w.scheduled, SendFailed(str(reply)))
+            # Unknown: it may have been added, so its decision may still come.
 
     def _read_mirror(self) -> None:
         """The ``P:position:*`` mirror the duplicate closes pick their symbols from."""
@@ -317,8 +335,9 @@ class Plane:
     def close(self) -> None:
         self.running = False
         self.has_due.set()
-        gevent.joinall(list(self.greenlets.values()), timeout=READ_BLOCK_MS / 1000 + 1)
-        gevent.killall(list(self.greenlets.values()), timeout=1)
+        gevent.joinall([*self.greenlets.values(), *self.in_flight],
+                       timeout=READ_BLOCK_MS / 1000 + 1)
+        gevent.killall([*self.greenlets.values(), *self.in_flight], timeout=1)
         self.hist.close()
         for c in (self.client, self.reader_client):
             try:
