@@ -22,8 +22,16 @@ here (its import monkey-patches gevent into this process). A round measures
   redis-py: a PING round trip, and an XADD + XREAD pipelined in one round trip
   (``--rtt-n`` each, every one timed); and ``redis-benchmark -t ping -c 1`` (one
   client, its own p50/p99) when the binary is on PATH;
+  and the same path without Locust: the same world with the trivial governor, driven by
+  a plain client in this process (one thread sending each plan at its scheduled time,
+  one XREAD reader; :func:`plain_client`), ``--floor-s`` at 500/s. The gap between the
+  round trips and this is what the machine takes for the four process hops of a
+  decision; the gap between this and the trivial governor under Locust is Locust's;
 * (c) the reference (2 governors, the default mix) at 500 plans/s (``--ref-s``):
-  p50/p99/p99.9 and the run's verdict (``results.json``).
+  p50/p99/p99.9 and the run's verdict (``results.json``). Just before it, the host's
+  own noise: how late a lone 1 ms ``time.sleep`` wakes (``--noise-n`` sleeps) while
+  nothing of ours runs. On a shared VM this moves from minute to minute (p99 0.6 ms
+  one hour, 3.7 ms the next) and bounds what any latency measured here can be.
 
 Every figure is the median of ``--rounds`` rounds (default 3) with its range; ``--quick``
 is one round of shorter runs. Run directories go under ``reports/bench/load/`` (one per
@@ -72,6 +80,7 @@ class Run:
     exit_code: int
     wall_s: float
     cpu: dict[str, float] = field(default_factory=dict)  # % of one core, by part
+    loop: str = ""  # the Locust process's gevent loop backend (latency.json)
 
 
 def _part(p: psutil.Process, root: int) -> str:
@@ -177,7 +186,8 @@ def run_locust(tag: str, rate: float, secs: int, governor_cmd: str | None,
         broken = [k for k, v in (res.get("invariants") or {}).items()
                   if isinstance(v, dict) and v.get("valid") is False]
     return Run(rate, achieved, count, fails, lat.get("p50") or 0.0, lat.get("p99") or 0.0,
-               lat.get("p99.9") or 0.0, valid, broken, proc.returncode, wall, cpu)
+               lat.get("p99.9") or 0.0, valid, broken, proc.returncode, wall, cpu,
+               str(lat.get("event_loop") or ""))
 
 
 def sustained(r: Run) -> bool:
@@ -239,6 +249,90 @@ def round_trips(n: int) -> dict[str, float]:
     return out
 
 
+def plain_client(tag: str, rate: float, secs: int, governor_cmd: str) -> dict[str, float]:
+    """The decision path without Locust or gevent: the same world (embedded Redis, two
+    governors of ``governor_cmd``, apply layer, exchange, recorder) started as the load
+    test starts it, driven from this process by one thread that sends each plan with a
+    plain XADD at its scheduled time (``time.sleep``, to the microsecond) and one thread
+    that reads the events stream with XREAD BLOCK, as the Locust reader does. Latency from
+    the scheduled time, as in the load test. What this gives with the trivial governor is
+    what the machine itself takes for the hops every decision needs (producer -> Redis ->
+    governor -> Redis -> reader): the floor under the load test's own floor."""
+    import random
+    import threading
+
+    import redis
+
+    from chaos.loadtest.world import WorldProcess
+
+    run_dir = OUT / tag
+    shutil.rmtree(run_dir, ignore_errors=True)
+    world = WorldProcess(["--run-dir", str(run_dir), "--governor-cmd", governor_cmd,
+                          "--governors", "2"])
+    info = world.start()
+    try:
+        plans = f"{info.prefix}:stream:apply.plan"
+        events = f"{info.prefix}:stream:governor.events"
+        w = redis.Redis.from_url(info.redis_url, single_connection_client=True)
+        rd = redis.Redis.from_url(info.redis_url, single_connection_client=True)
+        last = rd.xrevrange(events, "+", "-", count=1)
+        cursor = last[0][0] if last else b"0-0"
+        scheduled: dict[bytes, float] = {}
+        late: list[float] = []
+        done = threading.Event()
+
+        def read() -> None:
+            nonlocal cursor
+            while not done.is_set() or scheduled:
+                resp = rd.xread({events: cursor}, count=5000, block=100)
+                now = time.perf_counter()
+                for _stream, entries in resp or ():
+                    for _id, fields in entries:
+                        at = scheduled.pop(fields.get(b"plan_id", b""), None)
+                        if at is not None:
+                            late.append((now - at) * 1000)
+                    cursor = entries[-1][0]
+                if done.is_set() and not resp:
+                    break
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        rng, base = random.Random(1), random.randrange(10**8)
+        t0, n = time.perf_counter() + 0.05, int(rate * secs)
+        for k in range(n):
+            at = t0 + k / rate
+            delay = at - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            pid = f"plain-{base}-{k}"
+            scheduled[pid.encode()] = at
+            w.xadd(plans, {"plan_id": pid, "symbol": f"S{rng.randrange(40):03d}USDT",
+                           "action": "OPEN", "source": "intent_bridge",
+                           "intent_created_at_ms": str(time.time_ns() // 1_000_000),
+                           "side": rng.choice(("LONG", "SHORT")), "notional": "100.00"})
+        done.set()
+        reader.join(timeout=10)
+        w.close()
+        rd.close()
+    finally:
+        world.stop()
+    return {"plain_count": len(late), "plain_sent": n, "plain_p50": pct(late, 50),
+            "plain_p99": pct(late, 99), "plain_p999": pct(late, 99.9)}
+
+
+def machine_noise(n: int) -> dict[str, float]:
+    """How late a lone sleeper wakes on this machine right now (ms past a 1 ms sleep, n
+    times): nothing of ours runs, so this is the host's own scheduling noise (other
+    virtual machines on it, its vCPU stalls), the floor under every latency here."""
+    late = []
+    for _ in range(n):
+        t = time.perf_counter()
+        time.sleep(0.001)
+        late.append((time.perf_counter() - t) * 1000 - 1.0)
+    return {"sleep_late_p50": pct(late, 50), "sleep_late_p99": pct(late, 99),
+            "sleep_late_p999": pct(late, 99.9), "sleep_late_max": max(late)}
+
+
 def med(values: list[float]) -> str:
     if not values:
         return "-"
@@ -258,6 +352,8 @@ def main() -> int:
     ap.add_argument("--floor-s", type=int, default=10)
     ap.add_argument("--ref-s", type=int, default=20)
     ap.add_argument("--rtt-n", type=int, default=5000)
+    ap.add_argument("--noise-n", type=int, default=3000,
+                    help="1 ms sleeps timed before each reference run (the host's noise)")
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.step_s, args.floor_s, args.ref_s = 1, 5, 6, 10
@@ -302,11 +398,23 @@ def main() -> int:
         rtts.append(rt)
         print(f"  round {k + 1}: round trips: " +
               ", ".join(f"{key} {v:.3f}" for key, v in rt.items()), flush=True)
+        plain = plain_client(f"r{k}-plain", 500, args.floor_s, TRIVIAL)
+        rt |= plain
+        print(f"  round {k + 1}: no Locust (a plain paced client), trivial governor, 500/s: "
+              f"p50 {plain['plain_p50']:.2f} p99 {plain['plain_p99']:.2f} p99.9 "
+              f"{plain['plain_p999']:.2f} ms ({plain['plain_count']} of "
+              f"{plain['plain_sent']} decided)", flush=True)
+        noise = machine_noise(args.noise_n)
+        rt |= noise
+        print(f"  round {k + 1}: idle machine, a 1 ms sleep wakes late by p50 "
+              f"{noise['sleep_late_p50']:.3f} p99 {noise['sleep_late_p99']:.3f} p99.9 "
+              f"{noise['sleep_late_p999']:.3f} max {noise['sleep_late_max']:.2f} ms",
+              flush=True)
         g = run_locust(f"r{k}-reference", 500, args.ref_s, None)
         refs.append(g)
         print(f"  round {k + 1}: reference 500/s: p50 {g.p50:.2f} p99 {g.p99:.2f} p99.9 "
               f"{g.p999:.2f} ms, achieved {g.achieved:,.0f}/s, valid {g.valid}, exit "
-              f"{g.exit_code} ({g.wall_s:.0f} s)", flush=True)
+              f"{g.exit_code}, {g.loop} loop ({g.wall_s:.0f} s)", flush=True)
     total = time.monotonic() - t_start
 
     def col(runs: list[Run], attr: str) -> list[float]:
@@ -327,10 +435,14 @@ def main() -> int:
              col(floors, "p999")),
             ("reference, 2 governors", col(refs, "p50"), col(refs, "p99"),
              col(refs, "p999")),
+            ("no Locust: plain client, trivial governor", rcol("plain_p50"),
+             rcol("plain_p99"), rcol("plain_p999")),
             ("redis-py PING round trip", rcol("ping_p50"), rcol("ping_p99"), []),
             ("redis-py XADD+XREAD, one pipeline", rcol("xadd_xread_p50"),
              rcol("xadd_xread_p99"), []),
-            ("redis-benchmark PING, 1 client", rcol("rb_p50"), rcol("rb_p99"), [])]
+            ("redis-benchmark PING, 1 client", rcol("rb_p50"), rcol("rb_p99"), []),
+            ("idle machine: a 1 ms sleep wakes late by", rcol("sleep_late_p50"),
+             rcol("sleep_late_p99"), rcol("sleep_late_p999"))]
     for name, a, b, c in rows:
         print(f"{name:<44} {med(a):>20} {med(b):>20} {med(c):>20}")
     verdicts = [f"{x.valid}/exit {x.exit_code}" for x in refs]

@@ -93,9 +93,50 @@ def test_reference_headless_run_is_valid_with_latency_and_csv(tmp_path: Path) ->
     assert lat["count"] > 300
     assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["p99.9"] <= lat["max"]
     assert lat["event_loop"] == (os.environ.get("GEVENT_BACKEND") or "select")
+    # the harness's executor and recorder ran under SCHED_IDLE (--harness-threads idle)
+    assert "recorder" in meta["background_threads"], meta.get("background_threads")
+    assert any(n.startswith("apply-") for n in meta["background_threads"])
     assert "verdict: VALID" in out and "decision latency" in out
     assert list((run / "history").glob("locust-*.jsonl"))
     assert _wait_gone(run) == []
+
+
+def test_to_background_moves_only_the_named_threads_to_sched_idle() -> None:
+    """The world's apply layer and recorder threads go to SCHED_IDLE, a thread they start
+    afterwards inherits it, and any other thread (the supervisor's, which starts
+    governors) keeps its policy."""
+    import threading
+
+    from chaos.loadtest.world import to_background
+
+    if not hasattr(os, "SCHED_IDLE"):
+        pytest.skip("no SCHED_IDLE on this OS")
+    go = threading.Event()
+    seen: dict[str, int] = {}
+
+    def body(name: str) -> None:
+        go.wait(10)
+        if name == "apply-x":  # a thread started after the move inherits the policy
+            child = threading.Thread(target=lambda: seen.update(
+                child=os.sched_getscheduler(0)), name="order")
+            child.start()
+            child.join()
+        seen[name] = os.sched_getscheduler(0)
+
+    threads = [threading.Thread(target=body, args=(n,), name=n)
+               for n in ("apply-x", "recorder", "supervisor-x")]
+    for t in threads:
+        t.start()
+    try:
+        moved = to_background(threads)
+    finally:
+        go.set()
+        for t in threads:
+            t.join(10)
+    assert sorted(moved) == ["apply-x", "recorder"]
+    assert seen == {"apply-x": os.SCHED_IDLE, "recorder": os.SCHED_IDLE,
+                    "child": os.SCHED_IDLE, "supervisor-x": os.SCHED_OTHER}
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the caller's own policy untouched
 
 
 @pytest.mark.parametrize(("env", "backend"), [(None, "select"), ("poll", "poll")])
@@ -127,9 +168,11 @@ def test_precise_timers_moves_locusts_loop_off_epoll(env: str | None, backend: s
 
 def test_legacy_open_storm_breaks_the_invariants_and_exits_1(tmp_path: Path) -> None:
     p = _locust(tmp_path, "--rate", "400", "--governor", "legacy", "--governors", "3",
-                "--mix", "open=100", "--symbols", "40")
+                "--mix", "open=100", "--symbols", "40", "--harness-threads", "normal")
     out = p.stdout + p.stderr
     assert p.returncode == 1, out[-4000:]
+    meta = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert "background_threads" not in meta and meta["loadtest"]["harness_threads"] == "normal"
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["valid"] is False
     assert results["violations"], results

@@ -85,6 +85,10 @@ def add_arguments(parser: Any) -> None:
     g.add_argument("--own-executor", action="store_true", default=False,
                    help="the system under test executes its permits itself: start no apply "
                         "layer and no exchange; measure decisions, skip the ledger checks")
+    g.add_argument("--harness-threads", choices=("idle", "normal"), default="idle",
+                   help="CPU policy of the harness's apply layer and recorder threads: idle "
+                        "(Linux SCHED_IDLE: they yield the CPU to Redis, the governors and "
+                        "Locust, so they stay out of the latency measured) or normal")
     g.add_argument("--allow-remote-redis", "--allow-remote", dest="allow_remote_redis",
                    action="store_true", default=False,
                    help="allow a non-loopback --redis-url")
@@ -143,4 +147,4 @@ def settings(opts: Any, mix: Mapping[str, float]) -> dict[str, Any]:
             "processes": getattr(opts, "processes", None),
             "redis_url": redact_url(opts.redis_url) if opts.redis_url else None,
             "prefix": opts.prefix or None, "external_governor": opts.external_governor,
-            "own_executor": opts.own_executor}
+            "own_executor": opts.own_executor, "harness_threads": opts.harness_threads}

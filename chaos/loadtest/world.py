@@ -198,6 +198,38 @@ class _Stop:
     signal: int | None = None
 
 
+# The world's threads that are not on a decision's path: the apply layer (its dispatcher,
+# timers, mirror and order pool: "apply-*") and the recorder. None of them starts a process
+# (a child would inherit the policy: the supervisor, which restarts governors, and the main
+# thread keep theirs).
+BACKGROUND_THREADS = ("apply-", "recorder")
+
+
+def to_background(threads: Sequence[threading.Thread] | None = None) -> list[str]:
+    """Put the world's own threads off the decision path (BACKGROUND_THREADS) under
+    Linux's SCHED_IDLE: they run on whatever CPU time Redis, the governors and Locust leave,
+    and a waking Redis, governor or Locust process takes the CPU from them at once. On a
+    machine with few cores this keeps the harness's executor and recorder (the world's
+    largest CPU user: 40-75% of a core at 500-1,000 plans/s) out of the latency it
+    measures; they lag instead, and catch up at the end (the recorder drains before the
+    verdict). Threads that these create later (the apply layer's order pool) inherit the
+    policy. An unprivileged thread can lower its policy this way but never raise it
+    again. Returns the names of the threads moved; none where the OS has no SCHED_IDLE."""
+    policy = getattr(os, "SCHED_IDLE", None)
+    if policy is None:
+        return []
+    moved = []
+    for t in threads if threads is not None else threading.enumerate():
+        if t.native_id is None or not t.name.startswith(BACKGROUND_THREADS):
+            continue
+        try:
+            os.sched_setscheduler(t.native_id, policy, os.sched_param(0))
+            moved.append(t.name)
+        except OSError as exc:  # the thread ended, or a sandbox without the call
+            log.debug("SCHED_IDLE for thread %s: %s", t.name, exc)
+    return moved
+
+
 def _emit(obj: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(obj, default=str) + "\n")
     sys.stdout.flush()
@@ -240,6 +272,8 @@ def serve(args: argparse.Namespace) -> int:
             raise
         if args.link_latest:
             _link_latest(world.run_dir)
+        if args.background == "idle":
+            world.write_meta(background_threads=to_background())
         assert world.keys is not None and world.provider is not None
         _emit({"ready": True, "redis_url": world.provider.url, "prefix": world.keys.prefix,
                "run_dir": str(world.run_dir), "pid": os.getpid()})
@@ -273,6 +307,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--own-executor", action="store_true",
                    help="the system executes its permits itself: start no apply layer, "
                         "no exchange")
+    p.add_argument("--background", choices=("idle", "normal"), default="idle",
+                   help="CPU policy of the apply layer's and recorder's threads (idle: "
+                        "Linux SCHED_IDLE, off the latency the load test measures)")
     p.add_argument("--settings", default=None, help="JSON for run.json's loadtest field")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
