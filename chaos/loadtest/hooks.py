@@ -198,7 +198,8 @@ def _on_test_start(environment: Environment, **_: Any) -> None:
     user.PLANE = user.Plane(environment, redis_url=opts.lt_world_url,
                             prefix=opts.lt_world_prefix, run_dir=opts.lt_world_run_dir,
                             mix=mix, rate=opts.rate, n_symbols=opts.symbols,
-                            deadline_s=opts.decision_deadline_s, latency=S.latency)
+                            deadline_s=opts.decision_deadline_s, latency=S.latency,
+                            run_time_s=getattr(opts, "run_time", None) or None)
 
 
 @events.test_stop.add_listener
