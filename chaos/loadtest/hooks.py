@@ -98,7 +98,7 @@ def _on_init(environment: Environment, **_: Any) -> None:
         args.append("--link-latest")
     if opts.own_executor:
         args.append("--own-executor")
-    args += ["--background", opts.harness_threads]
+    args += ["--harness-threads", opts.harness_threads]
     if S.target is not None:
         args += ["--prefix", S.target.prefix]
         if opts.external_governor:

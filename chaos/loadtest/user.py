@@ -183,11 +183,10 @@ class Plane:
 
     # -- one task: a slot of the schedule -----------------------------------------------
     def step(self) -> None:
-        if self.send_until is not None and \
-                time.perf_counter() + self.pacer.interval > self.send_until:
+        at = self.pacer.claim()
+        if self.send_until is not None and at > self.send_until:
             gevent.sleep(END_QUIET_S)  # the run's quiet end: Locust stops the users
             return
-        at = self.pacer.claim()
         kind = self.rng.choices(self.tasks, self.weights)[0]
         now_ms = time.time_ns() // 1_000_000
         if kind == "open":

@@ -272,7 +272,7 @@ def serve(args: argparse.Namespace) -> int:
             raise
         if args.link_latest:
             _link_latest(world.run_dir)
-        if args.background == "idle":
+        if args.harness_threads == "idle":
             world.write_meta(background_threads=to_background())
         assert world.keys is not None and world.provider is not None
         _emit({"ready": True, "redis_url": world.provider.url, "prefix": world.keys.prefix,
@@ -307,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--own-executor", action="store_true",
                    help="the system executes its permits itself: start no apply layer, "
                         "no exchange")
-    p.add_argument("--background", choices=("idle", "normal"), default="idle",
+    p.add_argument("--harness-threads", choices=("idle", "normal"), default="idle",
                    help="CPU policy of the apply layer's and recorder's threads (idle: "
                         "Linux SCHED_IDLE, off the latency the load test measures)")
     p.add_argument("--settings", default=None, help="JSON for run.json's loadtest field")
