@@ -74,6 +74,12 @@ _HANDLED_MEMORY = 100_000
 # the layer (it would execute nothing more and the run would look calm).
 _POISON_ATTEMPTS = 3
 
+# Keys the mirror loop's SCAN for stray ``P:position:*`` keys walks at most per pass after
+# the first (SCAN walks the whole keyspace, which grows with every decision record and,
+# on a shared Redis, holds every other system's keys too).
+_MIRROR_SCAN_KEYS = 10_000
+_SCAN_COUNT = 500
+
 
 class StopFlag(Protocol):
     """``threading.Event`` or ``multiprocessing.Event``."""
@@ -596,13 +602,28 @@ class ApplyLayer:
         """Rewrite the whole mirror from the ledger now and then: after a Redis restart
         this is what brings ``P:position:*`` back."""
         r = self._require_r()
+        cursor: int | None = None  # None: the first pass looks for strays everywhere
         while True:
             try:
-                self.exchange.mirror(r, self.keys, self.config.capital)
+                strays, cursor = self._stray_sweep(r, cursor)
+                self.exchange.mirror(r, self.keys, self.config.capital, strays=strays)
             except Exception as exc:  # noqa: BLE001
                 self._log_retry(exc, "mirror sync")
             if stop.wait(self.config.mirror_interval_s) or stop.is_set():
                 return
+
+    def _stray_sweep(self, r: redis.Redis, cursor: int | None) -> tuple[list[str], int]:
+        """The ``P:position:*`` keys of the next share of a SCAN sweep: all of them when
+        ``cursor`` is None, else at most _MIRROR_SCAN_KEYS keys walked from ``cursor`` on
+        (a full sweep per pass on a small keyspace, one every keys/_MIRROR_SCAN_KEYS
+        passes on a large one). Returns them and the cursor to go on from."""
+        c, walked, found = cursor or 0, 0, []
+        while True:
+            c, batch = r.scan(c, match=self.keys.position_pattern, count=_SCAN_COUNT)
+            found.extend(k.decode() if isinstance(k, bytes) else str(k) for k in batch)
+            walked += _SCAN_COUNT
+            if c == 0 or (cursor is not None and walked >= _MIRROR_SCAN_KEYS):
+                return found, int(c)
 
     # -- helpers ----------------------------------------------------------------------------
     def _require_r(self) -> redis.Redis:

@@ -32,7 +32,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from decimal import Decimal, InvalidOperation
@@ -660,13 +660,16 @@ class Exchange:
         total = sum((Decimal(p.notional) for p in positions.values()), Decimal(0))
         return plain_decimal(total / capital)
 
-    def mirror(self, r: redis.Redis, keys: Keys, capital: float | None = None) -> int:
+    def mirror(self, r: redis.Redis, keys: Keys, capital: float | None = None,
+               strays: Iterable[str] | None = None) -> int:
         """Rewrite the whole ``P:position:*`` mirror and ``P:portfolio:exposure_pct`` from
         the ledger, in one MULTI; returns the number of open positions written.
 
         ``capital`` defaults to the handle's, then to ``P:portfolio:capital``; with none,
         exposure is left alone. Mirror keys of symbols the ledger shows flat are deleted,
-        including strays the ledger never knew.
+        and so are strays the ledger never knew: every ``P:position:*`` key a SCAN finds
+        (it walks the whole keyspace), or, when ``strays`` is given, those keys only (the
+        caller's bounded share of a sweep; an open symbol's key among them is kept).
         """
         with self._mirror_lock():
             cap = self._capital(r, keys, capital)
@@ -677,10 +680,9 @@ class Exchange:
                 known = [s for (s,) in conn.execute("SELECT DISTINCT symbol FROM positions")]
             open_ = {p.symbol: p for p in (Position(*row) for row in rows)}
             stale = {keys.position(s) for s in known if s not in open_}
-            stale.update(
-                k.decode() if isinstance(k, bytes) else str(k)
-                for k in r.scan_iter(match=keys.position_pattern, count=500)
-            )
+            found = r.scan_iter(match=keys.position_pattern, count=500) \
+                if strays is None else strays
+            stale.update(k.decode() if isinstance(k, bytes) else str(k) for k in found)
             stale -= {keys.position(s) for s in open_}
             pipe = r.pipeline(transaction=True)
             if stale:

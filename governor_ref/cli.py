@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--batch", type=int, default=128, help="plans read per round trip")
     run.add_argument("--claim-idle-ms", type=int, default=3000,
                      help="reclaim entries another consumer left idle this long")
+    run.add_argument("--reconcile-scan-keys", type=int, default=10_000,
+                     help="keys the reference's periodic reconcile walks at most per second "
+                          "(its SCAN of P:position:* goes on from where the last stopped)")
     run.add_argument("--metrics-port", type=int,
                      default=int(os.environ["GOVERNOR_METRICS_PORT"])
                      if os.environ.get("GOVERNOR_METRICS_PORT") else None,
@@ -52,9 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch < 1:
         print("governor-ref: --batch must be >= 1", file=sys.stderr)
         return 2
+    if args.reconcile_scan_keys < 1:
+        print("governor-ref: --reconcile-scan-keys must be >= 1", file=sys.stderr)
+        return 2
     consumer = args.consumer or f"{socket.gethostname()}-{os.getpid()}"
     settings = Settings(redis_url=args.redis_url, prefix=args.prefix, consumer=consumer,
                         variant=args.variant, batch=args.batch, claim_idle_ms=args.claim_idle_ms,
+                        reconcile_scan_keys=args.reconcile_scan_keys,
                         metrics_port=args.metrics_port)
     try:
         gov = Governor(settings, factory(args.variant))

@@ -63,6 +63,9 @@ class Settings:
     claim_idle_ms: int = 3000
     claim_interval_s: float = 0.5
     reconcile_interval_s: float = 1.0
+    # Keys a periodic reconcile walks at most (SCAN of P:position:* continued from where
+    # the last one stopped): the sweep's cost stays bounded as the keyspace grows.
+    reconcile_scan_keys: int = 10_000
     metrics_port: int | None = None
     plan_threads: int = 2
 

@@ -16,7 +16,14 @@ import pytest
 import redis
 from govtools import wait_for
 
-from chaos.apply_layer import ApplyConfig, ApplyEvent, ApplyLayer, run_apply_process
+from chaos.apply_layer import (
+    _MIRROR_SCAN_KEYS,
+    _SCAN_COUNT,
+    ApplyConfig,
+    ApplyEvent,
+    ApplyLayer,
+    run_apply_process,
+)
 from chaos.exchange import Exchange, Order
 from governor_ref.keys import GROUP_APPLY, Keys
 from governor_ref.protocol import ExecutionResult, Permit, ResultStatus
@@ -331,3 +338,44 @@ def test_threads_are_gone_after_stop(shared_redis: Any, keys: Keys, ex: Exchange
         pass
     time.sleep(0.05)
     assert [t.name for t in set(threading.enumerate()) - before] == []
+
+
+def test_the_mirror_sync_looks_for_strays_a_bounded_share_of_the_keyspace_at_a_time(
+        shared_redis: Any, r: redis.Redis, keys: Keys, ex: Exchange) -> None:
+    """SCAN walks the whole keyspace (every decision record, every other system's key on
+    a shared Redis): the mirror loop's first pass looks for stray ``P:position:*`` keys
+    everywhere, later passes walk at most _MIRROR_SCAN_KEYS keys each, and a stray is
+    still found and deleted."""
+    filler = [keys.decision(f"fill-{i}") for i in range(30_000)]
+
+    def scans() -> int:
+        return int(r.info("commandstats").get("cmdstat_scan", {}).get("calls", 0))
+
+    stray, late_stray = keys.position("XRPUSDT"), keys.position("ADAUSDT")
+    try:
+        for i in range(0, len(filler), 5_000):
+            r.mset(dict.fromkeys(filler[i:i + 5_000], "BLOCK|filler"))
+        r.hset(stray, mapping={"position_id": "stray"})
+        layer = ApplyLayer(shared_redis.url, keys, ex, replace(FAST, mirror_interval_s=0.05))
+        before = scans()
+        found, cursor = layer._stray_sweep(r, None)
+        assert found == [stray] and cursor == 0
+        assert scans() - before >= len(filler) // _SCAN_COUNT  # the first pass: everything
+        passes, seen = 0, []
+        while True:
+            before = scans()
+            found, cursor = layer._stray_sweep(r, cursor)
+            assert scans() - before <= _MIRROR_SCAN_KEYS // _SCAN_COUNT
+            passes, seen = passes + 1, seen + found
+            if cursor == 0:
+                break
+        assert seen == [stray] and passes > 1
+        with running(layer):
+            wait_for(lambda: not r.exists(stray), what="the first pass deleting the stray")
+            r.hset(late_stray, mapping={"position_id": "stray"})
+            wait_for(lambda: not r.exists(late_stray), timeout=20,
+                     what="a later pass deleting a stray written meanwhile")
+    finally:
+        for i in range(0, len(filler), 5_000):
+            r.delete(*filler[i:i + 5_000])
+        r.delete(stray, late_stray, keys.exposure_pct)

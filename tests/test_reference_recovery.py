@@ -12,7 +12,10 @@ from collections.abc import Callable
 
 from govtools import Desk
 
+from governor_ref.governor import Governor, Settings
 from governor_ref.keys import GROUP_GOVERNOR
+from governor_ref.reference import SCAN_COUNT
+from governor_ref.variants import factory
 
 MakeDesk = Callable[..., Desk]
 
@@ -146,6 +149,43 @@ def test_position_closed_outside_the_governor_is_dropped_by_reconcile(
     while desk.r.hexists(desk.keys.positions, "S01USDT") and time.monotonic() < deadline:
         time.sleep(0.05)
     assert desk.decide("OPEN", "S02USDT")["decision"] == "PERMIT"
+
+
+def test_periodic_reconcile_walks_a_bounded_share_of_a_large_keyspace(
+        make_desk: MakeDesk) -> None:
+    """SCAN walks the whole keyspace, which grows with every decision record: the
+    start-up reconcile walks all of it, a periodic one at most ``reconcile_scan_keys``
+    keys, going on from where the last stopped, and a position the governor does not
+    count is still adopted within one sweep."""
+    desk = make_desk(start=False, slots_BASE=5)
+    filler = [desk.keys.decision(f"fill-{i}") for i in range(30_000)]
+
+    def scans() -> int:
+        return int(desk.r.info("commandstats").get("cmdstat_scan", {}).get("calls", 0))
+
+    try:
+        for i in range(0, len(filler), 5_000):
+            desk.r.mset(dict.fromkeys(filler[i:i + 5_000], "BLOCK|filler"))
+        settings = Settings(redis_url=desk.url, prefix=desk.prefix,
+                            reconcile_scan_keys=5_000)
+        logic = Governor(settings, factory("reference")).logic
+        before = scans()
+        logic.start()
+        assert scans() - before >= len(filler) // SCAN_COUNT  # start-up: everything
+        desk.r.hset(desk.keys.position("S07USDT"),
+                    mapping={"position_id": "pos-S07", "side": "LONG", "notional": "50",
+                             "pnl_pct": "0"})
+        ticks = 0
+        while not desk.r.hexists(desk.keys.positions, "S07USDT"):
+            before = scans()
+            logic.periodic()
+            ticks += 1
+            assert scans() - before <= 5_000 // SCAN_COUNT, "a periodic walk went past its budget"
+            assert ticks <= 40, "the sweep never reached the mirror's position"
+        assert ticks >= 1
+    finally:
+        for i in range(0, len(filler), 5_000):
+            desk.r.delete(*filler[i:i + 5_000])
 
 
 def _spawn(desk: Desk, consumer: str) -> subprocess.Popen[bytes]:
