@@ -450,14 +450,16 @@ class Run:
             self.teardown(result)
         return result
 
-    def _require_governors_read(self) -> None:
+    def _require_governors_read(self, load_ran: bool | None = None) -> None:
         """Once the load has run, every governor must have read the plan stream as the
         consumer it was named: one that never did (a wrong ``REDIS_URL`` or prefix, a command
         that only sleeps, another consumer name) did not start, whatever it says; judging its
         run would blame it for plans it never saw. When *no* instance ever read, that is a
         harness error (exit 255, as a command that exits at once); when some did, the others
-        are named in the findings (``membership`` events at stop)."""
-        if self.supervisor is None or not self.sc.workloads:
+        are named in the findings (``membership`` events at stop). ``load_ran``: whether
+        plans were sent (by default, whether the scenario has workloads)."""
+        if self.supervisor is None or not (self.sc.workloads if load_ran is None
+                                           else load_ran):
             return
         seen = self.supervisor.never_in_group()
         if seen is None:

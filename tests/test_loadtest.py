@@ -186,6 +186,19 @@ def test_legacy_open_storm_breaks_the_invariants_and_exits_1(tmp_path: Path) -> 
     assert _wait_gone(tmp_path / "run") == []
 
 
+def test_a_governor_command_that_never_reads_its_plans_is_a_harness_error(
+        tmp_path: Path) -> None:
+    """A command that starts and stays up but never reads the plan stream (it only
+    sleeps) did not start: exit 255 and the reason, as `chaos run` says it, never INVALID
+    for plans it never saw."""
+    p = _locust(tmp_path, "--rate", "100", "--governor-cmd", "sleep 600", seconds=3)
+    out = p.stdout + p.stderr
+    assert p.returncode == 255, out[-4000:]
+    assert "the governor under test did not start: no instance read" in out
+    assert "verdict: INVALID" not in out
+    assert _wait_gone(tmp_path / "run") == []
+
+
 @pytest.mark.parametrize(("args", "said"), [
     (("--mix", "open=70,hold=30"), "--mix"),
     (("--rate", "0"), "--rate"),

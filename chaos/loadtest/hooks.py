@@ -265,7 +265,10 @@ def _on_quitting(environment: Environment, **_: Any) -> None:
         latency.write(S.run_dir / "latency.json", figures)
     print(latency.format_line(figures), flush=True)
     code = 0
-    if final is None or "exit_code" not in final:
+    if final is not None and final.get("error"):
+        print(f"load test: {final['error']}", flush=True)
+        code = int(final.get("exit_code", EXIT_HARNESS))
+    elif final is None or "exit_code" not in final:
         print("load test: the world stopped without a verdict (see its log above)", flush=True)
         code = EXIT_HARNESS if final is None else int(final.get("exit_code", EXIT_HARNESS))
     else:

@@ -180,6 +180,10 @@ class LoadWorld(Run):
                 result.status = "interrupted"
                 self.phases.info(F.PHASE, key="interrupted", signal="SIGTERM")
             else:
+                # A governor command that never read the plan stream (it only sleeps, a
+                # wrong address or prefix) did not start: a harness error (exit 255), as
+                # in `chaos run`, not plans it never saw judged against it.
+                self._require_governors_read(load_ran=True)
                 self.phases.ok(F.PHASE, key="workload")
                 self.phases.invoke(F.PHASE, key="heal")
                 if not self._settle(timeout=SETTLE_S):
@@ -281,6 +285,8 @@ def serve(args: argparse.Namespace) -> int:
         stop.event.wait()
         try:
             world.finish(result, interrupted=stop.signal is not None)
+        except HarnessError:
+            raise
         except Exception:  # noqa: BLE001 - torn down anyway (finish's finally): judge it
             log.exception("the load-test world failed while stopping")
     except (HarnessError, scn.ScenarioError) as exc:
