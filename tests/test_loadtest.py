@@ -387,10 +387,14 @@ def test_external_governor_on_staging_keeps_its_keys(tmp_path: Path) -> None:
                                    stdin=subprocess.DEVNULL, stdout=log,
                                    stderr=subprocess.STDOUT)
         try:
+            # Idle, it has created both its groups (the plan loop's, then the results
+            # thread's) and written last_seen: what it leaves is then complete.
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
                 try:
-                    if c.xinfo_groups("ext:stream:apply.plan") and c.exists("ext:gov:last_seen"):
+                    if (c.xinfo_groups("ext:stream:apply.plan")
+                            and c.xinfo_groups("ext:stream:apply.result")
+                            and c.exists("ext:gov:last_seen")):
                         break
                 except redis.ResponseError:
                     pass
