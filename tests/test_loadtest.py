@@ -414,6 +414,38 @@ def test_external_governor_on_staging_keeps_its_keys(tmp_path: Path) -> None:
             gov.wait(timeout=10)
 
 
+def test_an_external_governor_that_stopped_before_the_load_is_a_harness_error(
+        tmp_path: Path) -> None:
+    """The governor served on the prefix (its group is there: preflight accepts it), then
+    stopped before the load: nothing read the plans. Exit 255 saying so, not INVALID for
+    plans it never saw, and the run's keys are still removed."""
+    from chaos.redis_servers import provide
+
+    with provide("embedded") as other:
+        c = other.client(decode_responses=True)
+        env = dict(os.environ, REDIS_URL=other.url, GOVERNOR_PREFIX="gone",
+                   GOVERNOR_CONSUMER="gone-1")
+        gov = subprocess.Popen([sys.executable, "-m", "governor_ref", "run"], env=env,
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 30
+            while (c.exists("gone:stream:apply.plan", "gone:stream:apply.result",
+                            "gone:gov:last_seen") != 3 and time.monotonic() < deadline):
+                time.sleep(0.1)
+        finally:
+            gov.terminate()
+            gov.wait(timeout=10)
+        kept = set(c.scan_iter(match="gone:*"))
+        p = _locust(tmp_path, "--redis-url", other.url, "--prefix", "gone",
+                    "--external-governor", "--rate", "50", seconds=2)
+        out = p.stdout + p.stderr
+        assert p.returncode == 255, out[-4000:]
+        assert "the external governor did not read the plans" in out
+        assert "verdict: INVALID" not in out
+        assert set(c.scan_iter(match="gone:*")) == kept
+
+
 def _free_port() -> int:
     import socket
 

@@ -372,6 +372,26 @@ def _decided(c: redis.Redis, k: Keys, ids: list[str]) -> dict[str, str]:
     return out if set(ids) <= set(out) else {}
 
 
+def test_an_external_governor_that_does_not_serve_there_is_refused(
+        staging: EmbeddedRedis, admin: redis.Redis, pfx: str) -> None:
+    """``--external-governor`` on a prefix where no governor serves (a wrong prefix, a
+    governor not running) is refused before anything starts: a run there would judge a
+    governor that never saw its plans. Its group on the plan stream is what says one
+    serves (every governor creates it when it starts)."""
+    k = Keys(pfx)
+    with pytest.raises(StagingError, match="no governor serves there") as err:
+        _pre(staging.url, pfx, external_governor=True)
+    assert k.plans in str(err.value) and "\n" not in str(err.value)
+    admin.xgroup_create(k.results, GROUP_GOVERNOR_RESULTS, id="$", mkstream=True)
+    with pytest.raises(StagingError, match="no governor serves there"):
+        _pre(staging.url, pfx, external_governor=True)  # another group is not enough
+    admin.xgroup_create(k.plans, GROUP_GOVERNOR, id="$", mkstream=True)
+    try:
+        assert _pre(staging.url, pfx, external_governor=True).external_governor
+    finally:
+        admin.delete(k.plans, k.results)
+
+
 def test_an_external_governors_idle_keys_are_accepted_and_kept(
         staging: EmbeddedRedis, admin: redis.Redis, foreign: set[bytes], pfx: str,
         tmp_path: Path) -> None:

@@ -391,6 +391,16 @@ def _given(c: redis.Redis, url: str, prefix: str, remote: bool, external_governo
         last = info["last-generated-id"]
         streams[key] = StreamMark(last.decode() if isinstance(last, bytes) else str(last),
                                   groups)
+    plans = Keys(prefix).plans.encode()
+    if external_governor and not owned_prefix and (
+            plans not in streams or GROUP_GOVERNOR not in streams[plans].groups):
+        # Every governor reads its plans as group `governor` and creates it when it starts
+        # (the protocol): without it nothing serves here, and a run would judge a governor
+        # that never saw its plans.
+        raise StagingError(
+            f"prefix {prefix!r} on {redact_url(url)}: no governor serves there "
+            f"({plans.decode()} has no consumer group {GROUP_GOVERNOR!r}, which every "
+            f"governor creates when it starts): is the prefix right, is the governor running?")
     return StagingTarget(url, prefix, owned=owned_prefix, external_governor=external_governor,
                          remote=remote, preexisting=frozenset(found), streams=streams)
 

@@ -184,6 +184,7 @@ class LoadWorld(Run):
                 # wrong address or prefix) did not start: a harness error (exit 255), as
                 # in `chaos run`, not plans it never saw judged against it.
                 self._require_governors_read(load_ran=True)
+                self._require_external_governor_read()
                 self.phases.ok(F.PHASE, key="workload")
                 self.phases.invoke(F.PHASE, key="heal")
                 if not self._settle(timeout=SETTLE_S):
@@ -192,6 +193,41 @@ class LoadWorld(Run):
                 self._healed = True
         finally:
             self.teardown(result)
+
+
+    def _require_external_governor_read(self) -> None:
+        """Beside an external governor (no supervisor to ask): when its group ``governor``
+        delivered none of the plans this run sent, nothing read them (the governor was
+        stopped or died before the load): a harness error (exit 255), not a verdict on
+        plans it never saw. Preflight already refused a prefix without that group."""
+        if not self.external_governor or self.keys is None:
+            return
+        import redis
+
+        from governor_ref.keys import GROUP_GOVERNOR
+
+        try:
+            r = self.admin()
+            first = r.xrange(self.keys.plans, count=1)
+            groups = {str(g["name"]): g for g in r.xinfo_groups(self.keys.plans)} \
+                if first else {}
+        except redis.RedisError as exc:
+            log.warning("could not ask whether the external governor read the plans: %s", exc)
+            return
+        if not first:
+            return  # nothing sent (or the plans were trimmed): nothing to say
+        group = groups.get(GROUP_GOVERNOR)
+        delivered = str(group["last-delivered-id"]) if group else "0-0"
+        if _stream_id(delivered) < _stream_id(str(first[0][0])):
+            raise HarnessError(
+                f"the external governor did not read the plans: group {GROUP_GOVERNOR!r} on "
+                f"{self.keys.plans} delivered none of this run's plans (last delivered "
+                f"{delivered}, the run's first {first[0][0]}): is the governor running?")
+
+
+def _stream_id(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 @dataclass
