@@ -199,6 +199,24 @@ def test_a_governor_command_that_never_reads_its_plans_is_a_harness_error(
     assert _wait_gone(tmp_path / "run") == []
 
 
+def test_a_run_directory_that_holds_a_run_or_is_a_file_is_refused(tmp_path: Path) -> None:
+    """A second load test into a used ``--run-dir`` would add its history to the first's
+    and reuse its ledger: refused before anything starts, the old run untouched."""
+    used = tmp_path / "used"
+    (used / "history").mkdir(parents=True)
+    (used / "history" / "locust-1-1.jsonl").write_text("{}\n")
+    p = _locust(tmp_path, "--run-dir", str(used), seconds=2)
+    out = p.stdout + p.stderr
+    assert p.returncode == 254, out[-2000:]
+    assert f"--run-dir {used} already holds a run" in out
+    assert sorted(x.name for x in used.rglob("*")) == ["history", "locust-1-1.jsonl"]
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    p = _locust(tmp_path, "--run-dir", str(a_file), seconds=2)
+    assert p.returncode == 254, (p.stdout + p.stderr)[-2000:]
+    assert "is not a directory" in p.stdout + p.stderr
+
+
 @pytest.mark.parametrize(("args", "said"), [
     (("--mix", "open=70,hold=30"), "--mix"),
     (("--rate", "0"), "--rate"),

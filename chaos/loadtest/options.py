@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
-from chaos.runner import VARIANTS
+from chaos.runner import VARIANTS, check_out
+from chaos.scenario import ScenarioError
 
 TASKS = ("open", "close", "stale", "malformed")
 DEFAULT_MIX = "open=70,close=20,stale=5,malformed=5"
@@ -131,6 +133,13 @@ def validate(opts: Any) -> dict[str, float]:
         raise OptionError(f"--symbols must be in [1, 1000], got {opts.symbols}")
     if opts.decision_deadline_s <= 0:
         raise OptionError("--decision-deadline-s must be > 0")
+    if getattr(opts, "run_dir", None):
+        # A second run in the same directory would add its history to the first's and
+        # reuse its ledger (its open positions too): the checkers would judge the mix.
+        try:
+            check_out(Path(opts.run_dir))
+        except ScenarioError as exc:
+            raise OptionError(str(exc).replace("--out", "--run-dir", 1)) from exc
     return mix
 
 
