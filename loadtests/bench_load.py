@@ -372,7 +372,11 @@ def main() -> int:
     def climb(k: int, label: str, *extra: str) -> tuple[float, list[dict]]:
         top, runs = 0.0, []
         for rate in steps:
-            r = run_locust(f"r{k}-{label}{rate:g}", rate, args.step_s, TRIVIAL, *extra)
+            tag = f"r{k}-{label}{rate:g}"
+            r = run_locust(tag, rate, args.step_s, TRIVIAL, *extra)
+            # Read: its run directory goes (a 5,000/s step leaves ~120 MB of history, a
+            # whole benchmark 3 GB); its log and Locust's CSVs stay.
+            shutil.rmtree(OUT / tag, ignore_errors=True)
             ok = sustained(r)
             runs.append(asdict(r) | {"sustained": ok, "world": label})
             print(f"  round {k + 1}: {label} {rate:,.0f}/s achieved {r.achieved:,.0f}/s "
