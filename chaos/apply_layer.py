@@ -47,6 +47,7 @@ from typing import Any, Protocol
 import redis
 
 from governor_ref.connection import connect
+from governor_ref.decisions import Mirror
 from governor_ref.governor import Backoff, Settings, StreamReader, decode_fields, is_transient
 from governor_ref.keys import GROUP_APPLY, Keys
 from governor_ref.protocol import (
@@ -78,7 +79,6 @@ _POISON_ATTEMPTS = 3
 # the first (SCAN walks the whole keyspace, which grows with every decision record and,
 # on a shared Redis, holds every other system's keys too).
 _MIRROR_SCAN_KEYS = 10_000
-_SCAN_COUNT = 500
 
 
 class StopFlag(Protocol):
@@ -617,13 +617,9 @@ class ApplyLayer:
         ``cursor`` is None, else at most _MIRROR_SCAN_KEYS keys walked from ``cursor`` on
         (a full sweep per pass on a small keyspace, one every keys/_MIRROR_SCAN_KEYS
         passes on a large one). Returns them and the cursor to go on from."""
-        c, walked, found = cursor or 0, 0, []
-        while True:
-            c, batch = r.scan(c, match=self.keys.position_pattern, count=_SCAN_COUNT)
-            found.extend(k.decode() if isinstance(k, bytes) else str(k) for k in batch)
-            walked += _SCAN_COUNT
-            if c == 0 or (cursor is not None and walked >= _MIRROR_SCAN_KEYS):
-                return found, int(c)
+        symbols, c = Mirror(r, self.keys).sweep(
+            cursor or 0, None if cursor is None else _MIRROR_SCAN_KEYS)
+        return [self.keys.position(s) for s in sorted(symbols)], c
 
     # -- helpers ----------------------------------------------------------------------------
     def _require_r(self) -> redis.Redis:

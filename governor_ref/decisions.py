@@ -69,6 +69,9 @@ def as_float(value: str | bytes | None) -> float | None:
         return None
 
 
+SCAN_COUNT = 500  # keys a SCAN call walks
+
+
 class Mirror:
     """The exchange's open positions as mirrored in ``P:position:{symbol}`` (read by SCAN)."""
 
@@ -77,9 +80,23 @@ class Mirror:
         self._strip = len(keys.position(""))
 
     def symbols(self) -> list[str]:
-        found = {(_text(k) or "")[self._strip:]
-                 for k in self.r.scan_iter(match=self.keys.position_pattern, count=500)}
-        return sorted(found)
+        return sorted(self.sweep()[0])
+
+    def sweep(self, cursor: int = 0, budget: int | None = None) -> tuple[set[str], int]:
+        """The symbols of the mirror keys a SCAN finds from ``cursor`` on, to the end of
+        the sweep or, with ``budget``, once about that many keys were walked (SCAN walks
+        the whole keyspace whatever its MATCH: every decision record, every other
+        system's key on a shared Redis). Returns them and the cursor to go on from (0:
+        the sweep is complete)."""
+        found: set[str] = set()
+        walked = 0
+        while True:
+            cursor, batch = self.r.scan(cursor, match=self.keys.position_pattern,
+                                        count=SCAN_COUNT)
+            found.update((_text(k) or "")[self._strip:] for k in batch)
+            walked += SCAN_COUNT
+            if cursor == 0 or (budget is not None and walked >= budget):
+                return found, int(cursor)
 
     def count(self) -> int:
         return len(self.symbols())

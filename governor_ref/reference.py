@@ -11,13 +11,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from .decisions import Mirror
 from .governor import Context, Outcome, PlanEntry, ResultEntry, is_transient
 from .protocol import Action, Plan, Reason
 from .scripts import Call, ScriptSet
 
 log = logging.getLogger(__name__)
-
-SCAN_COUNT = 500  # keys walked per SCAN call
 
 
 def _s(x: Any) -> str:
@@ -42,6 +41,7 @@ class ReferenceLogic:
         self.ctx = ctx
         self.scripts = ScriptSet()
         self.keys = ctx.keys
+        self.mirror = Mirror(ctx.r, ctx.keys)
         self._cursor = 0  # where the periodic sweep of the mirror goes on from
 
     def start(self) -> None:
@@ -136,16 +136,7 @@ class ReferenceLogic:
         position the governor does not count waits for the sweep to reach it, and the
         script re-checks each candidate, so a partial or stale walk is safe."""
         k = self.keys
-        plen = len(k.position(""))
-        cursor, walked, found = (0 if budget is None else self._cursor), 0, set()
-        while True:
-            cursor, batch = self.ctx.r.scan(cursor, match=k.position_pattern,
-                                            count=SCAN_COUNT)
-            found.update(_s(key)[plen:] for key in batch)
-            walked += SCAN_COUNT
-            if cursor == 0 or (budget is not None and walked >= budget):
-                break
-        self._cursor = int(cursor)
+        found, self._cursor = self.mirror.sweep(0 if budget is None else self._cursor, budget)
         res = self.scripts.run(self.ctx.r, self.scripts["reconcile"], [k.config],
                                [k.prefix, *sorted(found)])
         adopted, dropped = int(res[0]), int(res[1])

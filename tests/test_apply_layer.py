@@ -18,13 +18,13 @@ from govtools import wait_for
 
 from chaos.apply_layer import (
     _MIRROR_SCAN_KEYS,
-    _SCAN_COUNT,
     ApplyConfig,
     ApplyEvent,
     ApplyLayer,
     run_apply_process,
 )
 from chaos.exchange import Exchange, Order
+from governor_ref.decisions import SCAN_COUNT
 from governor_ref.keys import GROUP_APPLY, Keys
 from governor_ref.protocol import ExecutionResult, Permit, ResultStatus
 
@@ -360,12 +360,12 @@ def test_the_mirror_sync_looks_for_strays_a_bounded_share_of_the_keyspace_at_a_t
         before = scans()
         found, cursor = layer._stray_sweep(r, None)
         assert found == [stray] and cursor == 0
-        assert scans() - before >= len(filler) // _SCAN_COUNT  # the first pass: everything
+        assert scans() - before >= len(filler) // SCAN_COUNT  # the first pass: everything
         passes, seen = 0, []
         while True:
             before = scans()
             found, cursor = layer._stray_sweep(r, cursor)
-            assert scans() - before <= _MIRROR_SCAN_KEYS // _SCAN_COUNT
+            assert scans() - before <= _MIRROR_SCAN_KEYS // SCAN_COUNT
             passes, seen = passes + 1, seen + found
             if cursor == 0:
                 break

@@ -12,9 +12,9 @@ from collections.abc import Callable
 
 from govtools import Desk
 
+from governor_ref.decisions import SCAN_COUNT
 from governor_ref.governor import Governor, Settings
 from governor_ref.keys import GROUP_GOVERNOR
-from governor_ref.reference import SCAN_COUNT
 from governor_ref.variants import factory
 
 MakeDesk = Callable[..., Desk]
