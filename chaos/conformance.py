@@ -50,6 +50,7 @@ import redis
 
 from chaos.apply_layer import result_for_fill
 from chaos.exchange import Exchange, Order
+from chaos.recorder import _id_tuple
 from chaos.redis_servers import EmbeddedRedis
 from chaos.supervisor import GovernorSpec, GovernorStartError, Supervisor, describe_returncode
 from governor_ref.governor import group_drained
@@ -149,11 +150,6 @@ class Case:
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-def _sid(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 def _num(text: Any) -> Decimal | None:
@@ -388,7 +384,7 @@ class CaseRun:
                                                 max=entry, count=1)
                 groups = {g["name"]: g for g in self.r.xinfo_groups(self.keys.plans)}
                 last = groups[GROUP_GOVERNOR]["last-delivered-id"]
-                if not pending and _sid(last) >= _sid(entry):
+                if not pending and _id_tuple(last) >= _id_tuple(entry):
                     return True
             except (redis.ResponseError, KeyError):
                 pass

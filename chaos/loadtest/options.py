@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from chaos.loadtest.world import HARNESS_THREADS
 from chaos.runner import VARIANTS, check_out
 from chaos.scenario import ScenarioError
 
@@ -87,7 +88,7 @@ def add_arguments(parser: Any) -> None:
     g.add_argument("--own-executor", action="store_true", default=False,
                    help="the system under test executes its permits itself: start no apply "
                         "layer and no exchange; measure decisions, skip the ledger checks")
-    g.add_argument("--harness-threads", choices=("idle", "normal"), default="idle",
+    g.add_argument("--harness-threads", choices=HARNESS_THREADS, default="idle",
                    help="CPU policy of the harness's apply layer and recorder threads: idle "
                         "(Linux SCHED_IDLE: they yield the CPU to Redis, the governors and "
                         "Locust, so they stay out of the latency measured) or normal")

@@ -33,12 +33,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import redis
+
 from chaos import reaper
 from chaos import scenario as scn
 from chaos.exchange import Exchange
 from chaos.history import F
-from chaos.recorder import StreamRecorder
+from chaos.recorder import StreamRecorder, _id_tuple
 from chaos.runner import HarnessError, Run, RunOptions, RunResult, _link_latest, default_run_dir
+from governor_ref.keys import GROUP_GOVERNOR
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +197,6 @@ class LoadWorld(Run):
         finally:
             self.teardown(result)
 
-
     def _require_external_governor_read(self) -> None:
         """Beside an external governor (no supervisor to ask): when its group ``governor``
         delivered none of the plans this run sent, nothing read them (the governor was
@@ -202,10 +204,6 @@ class LoadWorld(Run):
         plans it never saw. Preflight already refused a prefix without that group."""
         if not self.external_governor or self.keys is None:
             return
-        import redis
-
-        from governor_ref.keys import GROUP_GOVERNOR
-
         try:
             r = self.admin()
             first = r.xrange(self.keys.plans, count=1)
@@ -218,16 +216,11 @@ class LoadWorld(Run):
             return  # nothing sent (or the plans were trimmed): nothing to say
         group = groups.get(GROUP_GOVERNOR)
         delivered = str(group["last-delivered-id"]) if group else "0-0"
-        if _stream_id(delivered) < _stream_id(str(first[0][0])):
+        if _id_tuple(delivered) < _id_tuple(str(first[0][0])):
             raise HarnessError(
                 f"the external governor did not read the plans: group {GROUP_GOVERNOR!r} on "
                 f"{self.keys.plans} delivered none of this run's plans (last delivered "
                 f"{delivered}, the run's first {first[0][0]}): is the governor running?")
-
-
-def _stream_id(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 @dataclass
@@ -243,6 +236,7 @@ class _Stop:
 # (a child would inherit the policy: the supervisor, which restarts governors, and the main
 # thread keep theirs).
 BACKGROUND_THREADS = ("apply-", "recorder")
+HARNESS_THREADS = ("idle", "normal")  # --harness-threads: SCHED_IDLE (to_background) or not
 
 
 def to_background(threads: Sequence[threading.Thread] | None = None) -> list[str]:
@@ -349,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--own-executor", action="store_true",
                    help="the system executes its permits itself: start no apply layer, "
                         "no exchange")
-    p.add_argument("--harness-threads", choices=("idle", "normal"), default="idle",
+    p.add_argument("--harness-threads", choices=HARNESS_THREADS, default="idle",
                    help="CPU policy of the apply layer's and recorder's threads (idle: "
                         "Linux SCHED_IDLE, off the latency the load test measures)")
     p.add_argument("--settings", default=None, help="JSON for run.json's loadtest field")
