@@ -214,9 +214,12 @@ def test_check_run_gives_the_same_verdict_split_or_not(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     run = tmp_path / "run"
     _history(run, 1500)
-    one = check_run(run, write=False, models=False).to_dict()
+    # Without the witness search: it stops at a time budget (a safety net), so on a loaded
+    # machine two searches of the same violations may keep different witnesses. What is
+    # compared here is reading the history split or not (the search has its own tests).
+    one = check_run(run, write=False, models=False, minimize=False).to_dict()
     monkeypatch.setattr(facts_mod, "PARALLEL_BYTES", 1)  # every history counts as long
-    two = check_run(run, write=False, models=False).to_dict()
+    two = check_run(run, write=False, models=False, minimize=False).to_dict()
     for d in (one, two):
         d["stats"].pop("check_seconds")
     assert one == two
