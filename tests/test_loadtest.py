@@ -340,6 +340,74 @@ def test_ctrl_c_or_sigterm_stops_everything_and_still_judges(tmp_path: Path, sig
     assert _wait_gone(tmp_path / "run") == []
 
 
+def _session_members(sid: int) -> list[str]:
+    out = []
+    for pid in os.listdir("/proc"):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if pid.isdigit() and int(fields[3]) == sid and fields[0] != "Z":
+            out.append(f"{pid} {stat[:stat.rindex(')') + 1]}")
+    return out
+
+
+def test_terminal_ctrl_c_with_two_processes_keeps_every_latency(tmp_path: Path) -> None:
+    """The terminal's Ctrl-C reaches every process of ``--processes 2`` at once. Each
+    worker drains and reports before it quits (Locust's own worker sends "quit" with up to
+    3 s of its latencies unreported: the figures held none of the plans), the master keeps
+    the world up until the workers' final reports, no greenlet prints a KeyboardInterrupt
+    traceback, and no worker outlives the master (Locust's exit wait does not wait)."""
+    exe = shutil.which("locust", path=os.path.dirname(sys.executable)) or "locust"
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [exe, "-f", str(LOCUSTFILE), "--headless", "--processes", "2", "-u", "4", "-r", "4",
+         "-t", "60s", "--rate", "200", "--max-p99-ms", "60000", "--run-dir", str(run),
+         "--only-summary"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(list((run / "history").glob("locust-*.jsonl"))) < 2 and \
+                time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.5)
+        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0 and "verdict: VALID" in out, out[-4000:]
+    assert "Traceback" not in out and "failed with KeyboardInterrupt" not in out, out[-4000:]
+    sent = json.loads((run / "results.json").read_text())["coverage"]["plans_sent"]
+    lat = json.loads((run / "latency.json").read_text())
+    assert lat["count"] == sent > 0, (lat, sent)
+    assert "not judged" not in out
+    time.sleep(0.3)
+    assert _session_members(proc.pid) == []
+    assert _wait_gone(run) == []
+
+
+def test_the_p99_gate_judges_only_a_run_whose_latencies_all_arrived() -> None:
+    """``--max-p99-ms``: above it 1; below it 0 when the master holds the latency of the
+    plans the history says were sent, 2 (UNKNOWN) when it holds none or only part;
+    a worse code stands."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    code = """
+from chaos.loadtest.hooks import _latency_gate as g
+fin = {"coverage": {"plans_sent": 1000}}
+print([g({"p99": 3.0, "count": 1000}, fin, 5, 0), g({"p99": 9.0, "count": 1000}, fin, 5, 0),
+       g({"p99": 3.0, "count": 400}, fin, 5, 0), g({"p99": None, "count": 0}, fin, 5, 0),
+       g({"p99": 9.0, "count": 400}, fin, 5, 0), g({"p99": None, "count": 0}, fin, 5, 255),
+       g({"p99": 3.0, "count": 995}, fin, 5, 0), g({"p99": 3.0, "count": 3}, None, 5, 0)])
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip().splitlines()[-1] == "[0, 1, 2, 2, 1, 255, 0, 0]"
+
+
 def test_staging_as_acl_user_touches_nothing_else_and_cleans_up(tmp_path: Path) -> None:
     """``--redis-url`` on a separately started Redis holding another system's keys, as
     the least-privilege ACL user of :mod:`chaos.loadtest.staging` (its commands, keys

@@ -23,15 +23,27 @@ Who does what:
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import logging
+import os
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
 import gevent
+import gevent.event
 from locust import events
 from locust.env import Environment
-from locust.runners import LocalRunner, MasterRunner, WorkerRunner
+from locust.runners import (
+    STATE_RUNNING,
+    STATE_SPAWNING,
+    LocalRunner,
+    MasterRunner,
+    WorkerRunner,
+)
 
 from chaos import reaper
 from chaos.loadtest import latency, options, user
@@ -41,6 +53,10 @@ from chaos.runner import default_run_dir
 log = logging.getLogger(__name__)
 
 EXIT_INVALID, EXIT_UNKNOWN, EXIT_HARNESS = 1, 2, 255
+# The p99 gate judges a run when the master holds the latency of at least this share of
+# the plans its history says were sent.
+LATENCY_COVERAGE = 0.99
+DRAIN_MAX_S = 10.0  # at the end, the longest wait for the decisions of what was sent
 
 
 class _State:
@@ -52,9 +68,13 @@ class _State:
     error: str | None = None
     target: Any = None  # a staging.StagingTarget with --redis-url
     fixed: dict[str, Any] = {}  # the options as the world was started with them
+    drained = gevent.event.Event()  # clear while this process's plane drains
+    plane_state = ""  # a worker's: "running" once it has a plane, "final" once drained
+    workers: dict[str, bool] = {}  # the master's: worker -> its final report arrived
 
 
 S = _State()
+S.drained.set()
 
 
 def _controller(env: Environment) -> bool:
@@ -74,14 +94,34 @@ def _add_options(parser: Any) -> None:
     options.add_arguments(parser)
 
 
+def _ctrl_c_to_main() -> None:
+    """SIGINT as a KeyboardInterrupt in the main greenlet only, where Locust shuts down
+    (the users stop, test_stop drains the plane, quitting). Python's own handler raises it
+    in whichever greenlet runs at that instant: in a sender between its XADDs (a batch
+    neither sent nor failed), in the reader, in a user's task, and gevent prints that
+    greenlet's traceback. With ``--processes`` every process gets the terminal's SIGINT."""
+    hub = gevent.get_hub()
+    hub.parent.throw(KeyboardInterrupt)  # from the hub, as gevent sends a system error
+
+
 @events.init.add_listener
 def _on_init(environment: Environment, **_: Any) -> None:
     latency.install_fine_buckets()
+    gevent.signal_handler(signal.SIGINT, _ctrl_c_to_main)
     opts = environment.parsed_options
-    if opts is None or isinstance(environment.runner, WorkerRunner):
+    if isinstance(environment.runner, WorkerRunner):
+        # Registered after the runner's own listener, so called before it (quitting fires
+        # in reverse): the worker stops and reports before Locust tells the master "quit".
+        environment.events.quitting.add_listener(_on_worker_quitting)
+        return
+    if opts is None:
         return
     if not _controller(environment):
         return
+    if isinstance(environment.runner, MasterRunner) and getattr(opts, "processes", None):
+        # Runs before Locust's own exit handler (registered at the fork: atexit is LIFO),
+        # once the workers were told to quit.
+        atexit.register(_await_forked_workers)
     try:
         S.mix = options.validate(opts)
         S.target = _staging_preflight(opts) if opts.redis_url else None
@@ -195,6 +235,7 @@ def _on_test_start(environment: Environment, **_: Any) -> None:
               f"path); see docs/loadtests.md", EXIT_HARNESS)
         return
     mix = S.mix or options.parse_mix(opts.mix)
+    S.plane_state = "running"
     user.PLANE = user.Plane(environment, redis_url=opts.lt_world_url,
                             prefix=opts.lt_world_prefix, run_dir=opts.lt_world_run_dir,
                             mix=mix, rate=opts.rate, n_symbols=opts.symbols,
@@ -206,21 +247,103 @@ def _on_test_start(environment: Environment, **_: Any) -> None:
 def _on_test_stop(environment: Environment, **_: Any) -> None:
     plane = user.PLANE
     if plane is None:
+        # Another greenlet may be draining (a worker's Ctrl-C: Locust's "quit" handler and
+        # the shutdown both stop the runner): its end, before the shutdown goes on to tell
+        # the master "quit" and kill the runner's greenlets, the drain's among them.
+        S.drained.wait(timeout=DRAIN_MAX_S + 5.0)
         return
     user.PLANE = None
-    plane.drain(timeout=min(environment.parsed_options.decision_deadline_s, 10.0))
-    log.info("load test: %s", plane.counts())
-    plane.close()
+    S.drained.clear()
+    try:
+        plane.drain(timeout=min(environment.parsed_options.decision_deadline_s, DRAIN_MAX_S))
+        log.info("load test: %s", plane.counts())
+        runner = environment.runner
+        if isinstance(runner, WorkerRunner):
+            # Every plan is complete or failed now: the last latencies and stats go to
+            # the master at once, not at the next periodic report, which a master that
+            # is quitting no longer reads (reports are deltas: one more is harmless).
+            S.plane_state = "final"
+            try:
+                runner._send_stats()  # noqa: SLF001 - the report Locust sends on "quit"
+            except Exception as exc:  # noqa: BLE001 - the master may be gone already
+                log.warning("load test: the final report to the master failed: %s", exc)
+        plane.close()
+    finally:
+        S.drained.set()
+
+
+def _on_worker_quitting(environment: Environment, **_: Any) -> None:
+    """A worker that quits on its own (the terminal's Ctrl-C reaches every process of
+    ``--processes``) would tell the master "quit" with up to 3 s of its latencies and
+    stats not yet reported, and the master stops listening on that "quit": they were lost
+    (a run's figures could cover none of its plans). Stop first: the plane drains and the
+    final report leaves before Locust's "quit"."""
+    runner = environment.runner
+    if runner is not None and runner.state in (STATE_SPAWNING, STATE_RUNNING):
+        runner.stop()
 
 
 @events.report_to_master.add_listener
 def _on_report(client_id: str, data: dict[str, Any], **_: Any) -> None:
     S.latency.report(data)
+    if S.plane_state:
+        data["lt_plane"] = S.plane_state
 
 
 @events.worker_report.add_listener
 def _on_worker_report(client_id: str, data: dict[str, Any], **_: Any) -> None:
     S.latency.merge(data)
+    if "lt_plane" in data:
+        S.workers[client_id] = data["lt_plane"] == "final"
+
+
+def _await_final_reports(runner: Any) -> None:
+    """The master, at the end: wait (bounded) for the final report of every worker still
+    connected that sent plans, so that the world (Redis, the governors) stays up while
+    they drain and the figures hold every plan."""
+    deadline = time.monotonic() + DRAIN_MAX_S + 5.0
+    while time.monotonic() < deadline:
+        late = [c for c, final in S.workers.items() if not final and c in runner.clients]
+        if not late:
+            return
+        gevent.sleep(0.05)
+    log.warning("load test: no final report from worker(s) %s: their last latencies are "
+                "missing from the figures", ", ".join(late))
+
+
+def _await_forked_workers() -> None:
+    """At exit with ``--processes``: the workers are this process's children, and Locust's
+    own wait for them at exit does not wait (a ``WNOHANG`` poll counted as an exit): a
+    worker still finishing would outlive the run. Wait (bounded) until each has exited (a
+    zombie, left for Locust to reap), then kill what remains."""
+    me = str(os.getpid())
+    deadline = time.monotonic() + 10.0
+    while True:
+        alive = [pid for pid, state in _children(me) if state != "Z"]
+        if not alive:
+            return
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    for pid in alive:
+        print(f"load test: Locust worker {pid} did not exit: killing it", flush=True)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _children(ppid: str) -> list[tuple[int, str]]:
+    """(pid, state) of the processes whose parent is ``ppid`` (Linux /proc; elsewhere
+    none are found and Locust's own handling stands)."""
+    out = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+        if len(fields) > 1 and fields[1] == ppid:
+            out.append((int(d.name), fields[0]))
+    return out
 
 
 def _staging_cleanup() -> None:
@@ -246,6 +369,8 @@ def _on_quitting(environment: Environment, **_: Any) -> None:
         runner.stop()  # Ctrl-C: the users stop first, the plane drains (test_stop)
     if isinstance(runner, LocalRunner) and user.PLANE is not None:
         _on_test_stop(environment)
+    if isinstance(runner, MasterRunner):
+        _await_final_reports(runner)
     if S.world is None:
         return
     final = S.world.stop()
@@ -275,9 +400,25 @@ def _on_quitting(environment: Environment, **_: Any) -> None:
         print(final.get("summary", ""), flush=True)
         print(f"run directory: {S.run_dir}", flush=True)
         code = int(final["exit_code"])
-    p99 = figures.get("p99")
-    if opts.max_p99_ms and p99 is not None and p99 > opts.max_p99_ms:
-        print(f"load test: p99 {p99:.3f} ms is above --max-p99-ms {opts.max_p99_ms:g}",
-              flush=True)
-        code = EXIT_INVALID if code in (0, EXIT_UNKNOWN) else code
+    if opts.max_p99_ms:
+        code = _latency_gate(figures, final, opts.max_p99_ms, code)
     environment.process_exit_code = code
+
+
+def _latency_gate(figures: dict[str, Any], final: dict[str, Any] | None, max_p99_ms: float,
+                  code: int) -> int:
+    """``--max-p99-ms``: above it, INVALID (1); the p99 of only part of the run's plans
+    (a worker's reports lost) or of none cannot pass the gate: UNKNOWN (2)."""
+    p99, measured = figures.get("p99"), int(figures.get("count") or 0)
+    sent = int(((final or {}).get("coverage") or {}).get("plans_sent") or 0)
+    if p99 is not None and p99 > max_p99_ms:
+        print(f"load test: p99 {p99:.3f} ms is above --max-p99-ms {max_p99_ms:g}",
+              flush=True)
+        return EXIT_INVALID if code in (0, EXIT_UNKNOWN) else code
+    if p99 is None or measured < sent * LATENCY_COVERAGE:
+        what = "no plan's latency" if p99 is None else \
+            f"the latency of only {measured} of the {sent} plans the history holds"
+        print(f"load test: --max-p99-ms {max_p99_ms:g} not judged: the master received "
+              f"{what} (UNKNOWN)", flush=True)
+        return EXIT_UNKNOWN if code == 0 else code
+    return code

@@ -333,8 +333,9 @@ class Plane:
     def drain(self, timeout: float) -> None:
         """At the end: wait (bounded) for the decisions of what was sent, then fail the
         rest."""
-        # A Ctrl-C lands in whichever greenlet runs at that instant: if it was the reader
-        # or the sender, a new one finishes its job (the plans already due are still sent).
+        # A reader or sender that died (an error; a KeyboardInterrupt, had SIGINT not been
+        # routed to the main greenlet: chaos.loadtest.hooks) is replaced by one that
+        # finishes its job (the plans already due are still sent).
         for name, run in (("reader", self._read), ("sender", self._send_loop)):
             if self.greenlets[name].dead:
                 self.greenlets[name] = gevent.spawn(run)
