@@ -198,6 +198,9 @@ def test_poison_pill_run_is_invalid_and_names_the_entry(tmp_path: Path) -> None:
     (out / "results.json").unlink()
     c = chaos("check", str(out))
     assert c.returncode == 1, c.stderr
+    for f in findings:  # the verdict's lines name who kept dying, and the entry
+        line = next(x for x in c.stdout.splitlines() if f"governor {f['consumer']} " in x)
+        assert "crash" in line and (not f["suspect"] or f["suspect"]["id"] in line), line
     again = json.loads((out / "results.json").read_text())["stats"]["governor_findings"]
     assert [f["suspect"] for f in again] == [f["suspect"] for f in findings]
 

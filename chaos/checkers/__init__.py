@@ -18,6 +18,7 @@ from typing import Any
 from chaos.checkers.coverage import coverage
 from chaos.checkers.facts import Facts, Forked, ForkError, _can_fork, gather, gc_paused
 from chaos.checkers.invariants import CHECKERS, INVARIANTS, CheckResult, Violation
+from chaos.governor_findings import describe as describe_finding
 from chaos.governor_findings import governor_findings
 
 __all__ = ["CHECKERS", "INVARIANTS", "CheckResult", "Facts", "Verdict", "Violation",
@@ -89,6 +90,8 @@ class Verdict:
             lines.append(f"  {n:<24} {v}{extra}")
         for why in self.coverage.get("not_exercised") or ():
             lines.append(f"  not exercised: {why}")
+        for finding in self.stats.get("governor_findings") or ():
+            lines.append(f"  governor {describe_finding(finding)}")
         for v in self.violations[:5]:
             lines.append(f"  - [{v.invariant}] {v.message}")
         if len(self.violations) > 5:
