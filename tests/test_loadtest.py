@@ -238,7 +238,8 @@ def test_two_processes_merge_histograms_and_p99_ceiling_fails_the_run(tmp_path: 
     """``--processes 2``: one world (started by the master only), two senders whose HDR
     histograms the master merges; a p99 ceiling below what any run reaches exits 1 even
     though the verdict is VALID."""
-    p = _locust(tmp_path, "--processes", "2", "--rate", "100", "--max-p99-ms", "0.001")
+    p = _locust(tmp_path, "--processes", "2", *_own_master_port(), "--rate", "100",
+                "--max-p99-ms", "0.001")
     out = p.stdout + p.stderr
     assert p.returncode == 1, out[-4000:]
     assert "verdict: VALID" in out and "is above --max-p99-ms" in out
@@ -362,10 +363,10 @@ def test_terminal_ctrl_c_with_two_processes_keeps_every_latency(tmp_path: Path) 
     exe = shutil.which("locust", path=os.path.dirname(sys.executable)) or "locust"
     run = tmp_path / "run"
     proc = subprocess.Popen(
-        [exe, "-f", str(LOCUSTFILE), "--headless", "--processes", "2", "-u", "4", "-r", "4",
-         "-t", "60s", "--rate", "200", "--max-p99-ms", "60000", "--run-dir", str(run),
-         "--only-summary"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, start_new_session=True)
+        [exe, "-f", str(LOCUSTFILE), "--headless", "--processes", "2", *_own_master_port(),
+         "-u", "4", "-r", "4", "-t", "60s", "--rate", "200", "--max-p99-ms", "60000",
+         "--run-dir", str(run), "--only-summary"], cwd=tmp_path, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
         while len(list((run / "history").glob("locust-*.jsonl"))) < 2 and \
@@ -530,6 +531,13 @@ def test_an_external_governor_that_stopped_before_the_load_is_a_harness_error(
         assert "the external governor did not read the plans" in out
         assert "verdict: INVALID" not in out
         assert set(c.scan_iter(match="gone:*")) == kept
+
+
+def _own_master_port() -> tuple[str, ...]:
+    """``--processes``: the master binds, and its forked workers connect to, Locust's port
+    5557 by default; two such tests at once (pytest-xdist) would collide on it."""
+    port = str(_free_port())
+    return ("--master-bind-port", port, "--master-port", port)
 
 
 def _free_port() -> int:
