@@ -246,8 +246,8 @@ def _signal_entry(entry: dict[str, Any]) -> None:
             os.kill(pid, sig)
 
 
-def _dead(pid: int) -> bool:
-    """Gone, or a zombie (nothing left that could write into a dir)."""
+def exited(pid: int) -> bool:
+    """Gone, or a zombie (nothing left that could write into a dir, or send anything)."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] in "ZX"
     except (OSError, IndexError):
@@ -260,7 +260,7 @@ def _reap(watched: dict[int, dict[str, Any]], dirs: set[str]) -> None:
             _signal_entry(entry)
     if dirs:  # a Redis being killed must not write into its dir while it is removed
         deadline = time.monotonic() + 2.0
-        while time.monotonic() < deadline and not all(_dead(p) for p in watched):
+        while time.monotonic() < deadline and not all(exited(p) for p in watched):
             time.sleep(0.01)
     for d in dirs:
         shutil.rmtree(d, ignore_errors=True)

@@ -57,6 +57,7 @@ EXIT_INVALID, EXIT_UNKNOWN, EXIT_HARNESS = 1, 2, 255
 # the plans its history says were sent.
 LATENCY_COVERAGE = 0.99
 DRAIN_MAX_S = 10.0  # at the end, the longest wait for the decisions of what was sent
+FINAL_REPORT_WAIT_S = DRAIN_MAX_S + 5.0  # ... and for a drain, then its report, to end
 
 
 class _State:
@@ -250,7 +251,7 @@ def _on_test_stop(environment: Environment, **_: Any) -> None:
         # Another greenlet may be draining (a worker's Ctrl-C: Locust's "quit" handler and
         # the shutdown both stop the runner): its end, before the shutdown goes on to tell
         # the master "quit" and kill the runner's greenlets, the drain's among them.
-        S.drained.wait(timeout=DRAIN_MAX_S + 5.0)
+        S.drained.wait(timeout=FINAL_REPORT_WAIT_S)
         return
     user.PLANE = None
     S.drained.clear()
@@ -301,7 +302,7 @@ def _await_final_reports(runner: Any) -> None:
     """The master, at the end: wait (bounded) for the final report of every worker still
     connected that sent plans, so that the world (Redis, the governors) stays up while
     they drain and the figures hold every plan."""
-    deadline = time.monotonic() + DRAIN_MAX_S + 5.0
+    deadline = time.monotonic() + FINAL_REPORT_WAIT_S
     while time.monotonic() < deadline:
         late = [c for c, final in S.workers.items() if not final and c in runner.clients]
         if not late:
@@ -316,14 +317,10 @@ def _await_forked_workers() -> None:
     own wait for them at exit does not wait (a ``WNOHANG`` poll counted as an exit): a
     worker still finishing would outlive the run. Wait (bounded) until each has exited (a
     zombie, left for Locust to reap), then kill what remains."""
-    me = str(os.getpid())
+    workers = _children(os.getpid())
     deadline = time.monotonic() + 10.0
-    while True:
-        alive = [pid for pid, state in _children(me) if state != "Z"]
-        if not alive:
-            return
-        if time.monotonic() >= deadline:
-            break
+    while (alive := [p for p in workers if not reaper.exited(p)]) and \
+            time.monotonic() < deadline:
         time.sleep(0.05)
     for pid in alive:
         print(f"load test: Locust worker {pid} did not exit: killing it", flush=True)
@@ -331,18 +328,18 @@ def _await_forked_workers() -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def _children(ppid: str) -> list[tuple[int, str]]:
-    """(pid, state) of the processes whose parent is ``ppid`` (Linux /proc; elsewhere
-    none are found and Locust's own handling stands)."""
+def _children(ppid: int) -> list[int]:
+    """The processes whose parent is ``ppid`` (Linux /proc; elsewhere none are found and
+    Locust's own handling stands)."""
     out = []
     for d in Path("/proc").glob("[0-9]*"):
         try:
             stat = (d / "stat").read_text()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
-        if len(fields) > 1 and fields[1] == ppid:
-            out.append((int(d.name), fields[0]))
+        fields = stat.rpartition(")")[2].split()  # after "pid (comm)": state, ppid, ...
+        if len(fields) > 1 and fields[1] == str(ppid):
+            out.append(int(d.name))
     return out
 
 
